@@ -1,0 +1,106 @@
+"""filterjax: filtered JAX transformations at the per-call cost of hand-written `jax.jit`.
+
+Every JAX/NumPy array leaf of a PyTree is traced; everything else is held static. The
+transforms are imported on first use, so `import filterjax` costs almost nothing on top
+of `import jax`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from ._backend import backend
+from ._caches import clear_caches
+from ._errors import PyTreeCycleError, UnhashableStaticError
+from ._filters import (
+    apply_updates,
+    combine,
+    filter,
+    if_array,
+    is_array,
+    is_array_like,
+    is_inexact_array,
+    is_inexact_array_like,
+    partition,
+)
+
+__version__ = "0.1.0"
+
+# public name -> the private module that defines it (imported on first access)
+_LAZY = {
+    "filter_jit": "._jit",
+    "filter_grad": "._ad",
+    "filter_value_and_grad": "._ad",
+    "filter_jvp": "._ad",
+    "filter_vjp": "._ad",
+    "filter_jacfwd": "._ad",
+    "filter_jacrev": "._ad",
+    "filter_hessian": "._ad",
+    "filter_custom_jvp": "._ad",
+    "filter_custom_vjp": "._ad",
+    "filter_checkpoint": "._ad",
+    "filter_closure_convert": "._closure_convert",
+    "filter_vmap": "._vmap_pmap",
+    "filter_pmap": "._vmap_pmap",
+    "filter_make_jaxpr": "._make_jaxpr",
+    "filter_eval_shape": "._eval_shape",
+    "filter_shard": "._sharding",
+    "filter_pure_callback": "._callback",
+    "patch_equinox": "._equinox_patch",
+    "unpatch_equinox": "._equinox_patch",
+}
+
+__all__ = [
+    "__version__",
+    "backend",
+    "clear_caches",
+    "PyTreeCycleError",
+    "UnhashableStaticError",
+    "apply_updates",
+    "combine",
+    "filter",
+    "if_array",
+    "is_array",
+    "is_array_like",
+    "is_inexact_array",
+    "is_inexact_array_like",
+    "partition",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'filterjax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from ._ad import (
+        filter_checkpoint,
+        filter_custom_jvp,
+        filter_custom_vjp,
+        filter_grad,
+        filter_hessian,
+        filter_jacfwd,
+        filter_jacrev,
+        filter_jvp,
+        filter_value_and_grad,
+        filter_vjp,
+    )
+    from ._callback import filter_pure_callback
+    from ._closure_convert import filter_closure_convert
+    from ._equinox_patch import patch_equinox, unpatch_equinox
+    from ._eval_shape import filter_eval_shape
+    from ._jit import filter_jit
+    from ._make_jaxpr import filter_make_jaxpr
+    from ._sharding import filter_shard
+    from ._vmap_pmap import filter_pmap, filter_vmap

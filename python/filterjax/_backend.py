@@ -1,0 +1,75 @@
+"""Pick the core implementation: the native module if it imports, else the Python twin.
+
+`FILTERJAX_BACKEND=native` or `=python` forces one. The transforms call the core through
+this module's globals (`_backend.partition(...)`), so tests can switch backend at runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+__all__ = ["backend", "set_backend", "partition", "rebuild", "is_array_fast", "StaticKey"]
+
+_BUILD_HINT = (
+    "filterjax's native module (filterjax._native) is not available. Build it with "
+    "`pip install .` (or `maturin develop --release`) from a checkout, which needs a Rust "
+    "toolchain, or unset FILTERJAX_BACKEND / set FILTERJAX_BACKEND=python to use the "
+    "pure-Python backend."
+)
+
+
+def _load(name: str) -> ModuleType:
+    if name == "native":
+        try:
+            from . import _native
+        except ImportError as err:
+            raise ImportError(_BUILD_HINT) from err
+        return _native
+    if name == "python":
+        from . import _pycore
+
+        return _pycore
+    raise ValueError(f"FILTERJAX_BACKEND must be 'native' or 'python', got {name!r}")
+
+
+def _choose() -> ModuleType:
+    requested = os.environ.get("FILTERJAX_BACKEND", "").strip().lower()
+    if requested:
+        return _load(requested)
+    try:
+        return _load("native")
+    except ImportError:
+        return _load("python")
+
+
+_core: ModuleType
+partition = None
+rebuild = None
+is_array_fast = None
+StaticKey = None
+
+
+def set_backend(name: str) -> None:
+    """Switch the core implementation (`'native'` or `'python'`). Clears filterjax's caches."""
+    _install(_load(name))
+    from . import _caches
+
+    _caches.clear_caches()
+
+
+def backend() -> str:
+    """Which core implementation is in use: `"native"` or `"python"`."""
+    return _core.BACKEND
+
+
+def _install(core: ModuleType) -> None:
+    global _core, partition, rebuild, is_array_fast, StaticKey
+    _core = core
+    partition = core.partition
+    rebuild = core.rebuild
+    is_array_fast = core.is_array
+    StaticKey = core.StaticKey
+
+
+_install(_choose())

@@ -1,0 +1,195 @@
+"""Pure-Python twin of `filterjax._native`.
+
+Same functions, same results, same errors as the Rust module. It leans on
+`jax.tree_util` (itself C++) for the flatten, so it is also the reference the native
+module is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.tree_util as jtu
+import numpy as np
+
+from ._diagnose import raise_flatten_error
+from ._errors import unhashable_static
+
+__all__ = ["StaticKey", "partition", "rebuild", "is_array", "BACKEND"]
+
+BACKEND = "python"
+
+_ARRAY_BASES = (jax.Array, np.ndarray, np.generic)
+# type -> is it an array type. `isinstance` against the `jax.Array` ABC is slow; the answer
+# only depends on the type, so remember it.
+_array_types: dict[type, bool] = {}
+
+
+def is_array(leaf: Any) -> bool:
+    """True for JAX arrays (tracers included), NumPy arrays and NumPy scalars."""
+    kind = type(leaf)
+    known = _array_types.get(kind)
+    if known is None:
+        known = _array_types[kind] = isinstance(leaf, _ARRAY_BASES)
+    return known
+
+
+class StaticKey:
+    """Everything about a partitioned PyTree except its dynamic leaves.
+
+    Holds the structure, the static leaves and which leaf positions are dynamic. Equal
+    structure and equal (same-typed) static leaves give equal keys with equal hashes.
+    """
+
+    __slots__ = ("_treedef", "_statics", "_static_types", "_mask", "_num_dynamic", "_hash")
+
+    def __init__(self, treedef, statics: tuple, mask: tuple, num_dynamic: int):
+        self._treedef = treedef
+        self._statics = statics
+        self._static_types = tuple(map(type, statics))
+        self._mask = mask
+        self._num_dynamic = num_dynamic
+        self._hash: int | None = None
+
+    @property
+    def num_leaves(self) -> int:
+        return len(self._mask)
+
+    @property
+    def num_dynamic(self) -> int:
+        return self._num_dynamic
+
+    @property
+    def num_static(self) -> int:
+        return len(self._statics)
+
+    @property
+    def statics(self) -> tuple:
+        return self._statics
+
+    @property
+    def mask(self) -> tuple:
+        return self._mask
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash((self._treedef, self._mask, self._statics))
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(other) is not StaticKey:
+            return NotImplemented
+        if (
+            self._hash is not None
+            and other._hash is not None
+            and self._hash != other._hash
+        ):
+            return False
+        return (
+            self._mask == other._mask
+            and self._static_types == other._static_types
+            and self._treedef == other._treedef
+            and self._statics == other._statics
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"StaticKey({self._treedef}, statics={self._statics!r}, "
+            f"num_dynamic={self._num_dynamic})"
+        )
+
+
+def _flatten(tree: Any, is_leaf: Callable[[Any], bool] | None):
+    try:
+        return jtu.tree_flatten(tree, is_leaf)
+    except Exception as err:
+        raise_flatten_error(tree, is_leaf, err)
+
+
+def partition(
+    tree: Any,
+    predicate: Callable[[Any], bool] | None = None,
+    is_leaf: Callable[[Any], bool] | None = None,
+    hashed: bool = True,
+) -> tuple[list, StaticKey]:
+    """Flatten `tree` and split its leaves into dynamic and static.
+
+    **Arguments:**
+
+    - `tree`: any PyTree.
+    - `predicate`: `leaf -> bool`, True for a dynamic leaf. `None` means "is an array"
+        (JAX array, tracer, NumPy array or scalar) and takes the fast path.
+    - `is_leaf`: as in `jax.tree_util.tree_flatten`.
+    - `hashed`: hash the key now, so that an unhashable static leaf is reported here with
+        its path. With `False` the key is hashed on first use, if ever.
+
+    **Returns:**
+
+    `(dynamic_leaves, key)`: the dynamic leaves in `jax.tree_util` order, and the
+    `StaticKey` from which `rebuild` restores the tree.
+    """
+    leaves, treedef = _flatten(tree, is_leaf)
+    test = is_array if predicate is None else predicate
+    dynamic = []
+    statics = []
+    mask = []
+    for leaf in leaves:
+        if test(leaf):
+            dynamic.append(leaf)
+            mask.append(True)
+        else:
+            statics.append(leaf)
+            mask.append(False)
+    key = StaticKey(treedef, tuple(statics), tuple(mask), len(dynamic))
+    if hashed:
+        try:
+            hash(key)
+        except Exception as err:
+            _raise_unhashable(tree, is_leaf, key, err)
+    return dynamic, key
+
+
+def _raise_unhashable(tree, is_leaf, key: StaticKey, err: Exception):
+    static_index = 0
+    for index, is_dynamic in enumerate(key._mask):
+        if is_dynamic:
+            continue
+        leaf = key._statics[static_index]
+        static_index += 1
+        try:
+            hash(leaf)
+        except Exception as leaf_err:
+            raise unhashable_static(tree, index, leaf, leaf_err, is_leaf) from leaf_err
+    raise err
+
+
+def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | None = None) -> Any:
+    """Inverse of `partition`: the tree with `dynamic` at the dynamic positions.
+
+    `statics`, if given, replaces the key's static leaves (e.g. `[None] * key.num_static`
+    to keep only the dynamic part).
+    """
+    if type(key) is not StaticKey:
+        raise TypeError(f"rebuild expects a StaticKey, got {type(key).__name__}")
+    if statics is None:
+        statics = key._statics
+    if len(dynamic) != key._num_dynamic:
+        raise ValueError(
+            f"rebuild: the key has {key._num_dynamic} dynamic leaves but "
+            f"{len(dynamic)} were given"
+        )
+    if len(statics) != len(key._statics):
+        raise ValueError(
+            f"rebuild: the key has {len(key._statics)} static leaves but "
+            f"{len(statics)} were given"
+        )
+    if not statics:
+        return key._treedef.unflatten(dynamic)
+    dynamic_iter = iter(dynamic)
+    static_iter = iter(statics)
+    leaves = [next(dynamic_iter) if m else next(static_iter) for m in key._mask]
+    return key._treedef.unflatten(leaves)
