@@ -67,14 +67,13 @@ def leaf_path(tree: Any, index: int, is_leaf: Any = None) -> tuple:
 def unhashable_static(tree: Any, index: int, leaf: Any, cause: BaseException, is_leaf: Any = None):
     """Build the error for a static leaf whose `__hash__` raised."""
     path = leaf_path(tree, index, is_leaf)
-    message = unhashable_message(format_path(path), leaf, cause)
+    message = unhashable_message(format_path(path), type(leaf), cause)
     error = UnhashableStaticError(message, path, type(leaf))
     error.__cause__ = cause
     return error
 
 
-def unhashable_message(where: str, leaf: Any, cause: BaseException | None) -> str:
-    kind = type(leaf)
+def unhashable_message(where: str, kind: type, cause: BaseException | None) -> str:
     detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
     return (
         f"Static leaf at {where} of type {kind.__module__}.{kind.__qualname__} is not "
