@@ -53,10 +53,7 @@ def is_array_like(element: Any) -> bool:
 
     ```
     """
-    return (
-        isinstance(element, _ARRAY_TYPES + _PYTHON_NUMBERS)
-        or hasattr(element, "__jax_array__")
-    )
+    return isinstance(element, _ARRAY_TYPES + _PYTHON_NUMBERS) or hasattr(element, "__jax_array__")
 
 
 def _is_inexact_dtype(dtype) -> bool:
@@ -203,7 +200,7 @@ def filter(
     ```
     """
     leaves, masks, treedef = _leaf_masks(pytree, filter_spec, is_leaf)
-    kept = [leaf if keep ^ inverse else replace for leaf, keep in zip(leaves, masks)]
+    kept = [leaf if keep ^ inverse else replace for leaf, keep in zip(leaves, masks, strict=True)]
     return treedef.unflatten(kept)
 
 
@@ -232,8 +229,8 @@ def partition(
     ```
     """
     leaves, masks, treedef = _leaf_masks(pytree, filter_spec, is_leaf)
-    left = [leaf if keep else replace for leaf, keep in zip(leaves, masks)]
-    right = [replace if keep else leaf for leaf, keep in zip(leaves, masks)]
+    left = [leaf if keep else replace for leaf, keep in zip(leaves, masks, strict=True)]
+    right = [replace if keep else leaf for leaf, keep in zip(leaves, masks, strict=True)]
     return treedef.unflatten(left), treedef.unflatten(right)
 
 

@@ -164,34 +164,53 @@ class _OutputSpec:
         return "<filterjax output>"
 
 
-def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict) -> dict:
+def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict) -> Any:
     out = fun(*args, **kwargs)
     out_dynamic, out_key = _backend.partition(out, hashed=False)
+    if out_key.num_static == 0:
+        # JAX rebuilds an all-array output itself, from the output treedef of the trace.
+        # A lone dict keyed by an _OutputSpec is how a trace with static outputs says so.
+        if not (type(out) is dict and len(out) == 1 and type(next(iter(out))) is _OutputSpec):
+            return out
     return {_OutputSpec(out_key): out_dynamic}
 
 
-def _rebuild_output(out: dict) -> Any:
-    ((spec, leaves),) = out.items()
-    return _backend.rebuild(spec.key, leaves)
+def _rebuild_output(out: Any) -> Any:
+    if type(out) is dict and len(out) == 1:
+        ((spec, leaves),) = out.items()
+        if type(spec) is _OutputSpec:
+            return _backend.rebuild(spec.key, leaves)
+    return out
 
 
-def _make_traced(fun_key, name: str, split_first: bool):
-    """The function handed to `jax.jit`. Static argument 0 is the call's StaticKey."""
+def _make_traced(fun_key, fun_is_static: bool, name: str, split_first: bool):
+    """The function handed to `jax.jit`. Static argument 0 is the call's StaticKey.
+
+    When `fun` holds no arrays it is rebuilt once, here, and the traced function takes no
+    `fun_dynamic` argument.
+    """
+    fun = _backend.rebuild(fun_key, []) if fun_is_static else None
     if split_first:
 
         def traced(key, fun_dynamic, first_dynamic, rest_dynamic):
             first_key, rest_key = key
-            fun = _backend.rebuild(fun_key, fun_dynamic)
+            call = _backend.rebuild(fun_key, fun_dynamic)
             (first,) = _backend.rebuild(first_key, first_dynamic)
             rest_args, kwargs = _backend.rebuild(rest_key, rest_dynamic)
-            return _run_and_split_output(fun, (first, *rest_args), kwargs)
+            return _run_and_split_output(call, (first, *rest_args), kwargs)
+
+    elif fun_is_static:
+
+        def traced(key, dynamic):
+            args, kwargs = _backend.rebuild(key, dynamic)
+            return _run_and_split_output(fun, args, kwargs)
 
     else:
 
         def traced(key, fun_dynamic, dynamic):
-            fun = _backend.rebuild(fun_key, fun_dynamic)
+            call = _backend.rebuild(fun_key, fun_dynamic)
             args, kwargs = _backend.rebuild(key, dynamic)
-            return _run_and_split_output(fun, args, kwargs)
+            return _run_and_split_output(call, args, kwargs)
 
     traced.__name__ = traced.__qualname__ = name
     return traced
@@ -222,14 +241,19 @@ class _JitWrapper(Generic[_P, _T]):
         except UnhashableStaticError as err:
             raise _renamed(err, ("fun",)) from err.__cause__
         self._plans: dict = {}
+        # The common case gets the shortest call: jitted(key, dynamic).
+        self._fast = not self._split_first and not self._fun_dynamic
+        self._fast_plain = self._fast and not self._silence_unused_donation
         if self._split_first:
             donate_argnums: tuple[int, ...] = (1, 3)
         elif self._donate == "none":
             donate_argnums = ()
+        elif self._fast:
+            donate_argnums = (1,)
         else:
             donate_argnums = (1, 2)
         self._jitted = jax.jit(
-            _make_traced(fun_key, self._name, self._split_first),
+            _make_traced(fun_key, self._fast, self._name, self._split_first),
             static_argnums=0,
             donate_argnums=donate_argnums,
             **self._jitkwargs,
@@ -251,7 +275,7 @@ class _JitWrapper(Generic[_P, _T]):
         return plan(args, kwargs)
 
     def _jit_arguments(self, args: tuple, kwargs: dict) -> tuple:
-        """Everything `self._jitted` is called with: (key, fun_dynamic, dynamic...)."""
+        """Everything `self._jitted` is called with: (key, [fun_dynamic], dynamic...)."""
         args, kwargs = self._bind(args, kwargs)
         try:
             if self._split_first:
@@ -266,9 +290,21 @@ class _JitWrapper(Generic[_P, _T]):
             dynamic, key = _backend.partition((args, kwargs))
         except UnhashableStaticError as err:
             raise _renamed(err, ("args", "kwargs")) from err.__cause__
+        if self._fast:
+            return key, dynamic
         return key, self._fun_dynamic, dynamic
 
     def __call__(self, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if self._fast_plain:
+            # The hot path, inlined: plan lookup, one partition, one jitted call.
+            plan = self._plans.get((len(args), tuple(kwargs)) if kwargs else len(args))
+            if plan is not _identity_plan:
+                args, kwargs = self._bind(args, kwargs)
+            try:
+                dynamic, key = _backend.partition((args, kwargs))
+            except UnhashableStaticError as err:
+                raise _renamed(err, ("args", "kwargs")) from err.__cause__
+            return _rebuild_output(self._jitted(key, dynamic))
         jit_args = self._jit_arguments(args, kwargs)
         if self._silence_unused_donation:
             with warnings.catch_warnings():
@@ -349,13 +385,13 @@ class Compiled(Generic[_T]):
 
 
 @overload
-def filter_jit(*, donate: _Donate = "none") -> Callable[[Callable[_P, _T]], _JitWrapper[_P, _T]]:
-    ...
+def filter_jit(
+    *, donate: _Donate = "none"
+) -> Callable[[Callable[_P, _T]], _JitWrapper[_P, _T]]: ...
 
 
 @overload
-def filter_jit(fun: Callable[_P, _T], *, donate: _Donate = "none") -> _JitWrapper[_P, _T]:
-    ...
+def filter_jit(fun: Callable[_P, _T], *, donate: _Donate = "none") -> _JitWrapper[_P, _T]: ...
 
 
 def filter_jit(fun=None, *, donate: _Donate = "none", **jitkwargs):

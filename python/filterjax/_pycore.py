@@ -83,11 +83,7 @@ class StaticKey:
             return True
         if type(other) is not StaticKey:
             return NotImplemented
-        if (
-            self._hash is not None
-            and other._hash is not None
-            and self._hash != other._hash
-        ):
+        if self._hash is not None and other._hash is not None and self._hash != other._hash:
             return False
         return (
             self._mask == other._mask
@@ -179,13 +175,11 @@ def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | Non
         statics = key._statics
     if len(dynamic) != key._num_dynamic:
         raise ValueError(
-            f"rebuild: the key has {key._num_dynamic} dynamic leaves but "
-            f"{len(dynamic)} were given"
+            f"rebuild: the key has {key._num_dynamic} dynamic leaves but {len(dynamic)} were given"
         )
     if len(statics) != len(key._statics):
         raise ValueError(
-            f"rebuild: the key has {len(key._statics)} static leaves but "
-            f"{len(statics)} were given"
+            f"rebuild: the key has {len(key._statics)} static leaves but {len(statics)} were given"
         )
     if not statics:
         return key._treedef.unflatten(dynamic)

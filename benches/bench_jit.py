@@ -1,0 +1,159 @@
+"""Per-call cost of filter_jit against hand-split jax.jit and equinox.filter_jit.
+
+Hand-split means what a careful user writes without filtering: partition the arguments
+once by hand, pass only the arrays to `jax.jit`, close over the static parts.
+
+    python benches/bench_jit.py             # side-by-side table (medians, one process)
+    python -m pytest benches/bench_jit.py   # pytest-benchmark, grouped by case
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import filterjax as fj
+import filterjax._backend as fj_backend
+
+
+def _sum_arrays(tree):
+    return sum(jnp.sum(leaf) for leaf in jax.tree_util.tree_leaves(tree) if eqx.is_array(leaf))
+
+
+def _scale(x, n):
+    return x * n
+
+
+def _dict_fn(d):
+    return d["w"] * 2 if d["act"] == "double" else d["w"]
+
+
+def _mlp_fn(model, x):
+    return model(x)
+
+
+def _many_fn(tree):
+    return _sum_arrays(tree)
+
+
+def _tree_of(num_arrays: int, num_statics: int) -> dict:
+    tree = {f"a{i:04d}": jnp.full((4,), float(i)) for i in range(num_arrays)}
+    tree.update({f"s{i:04d}": f"static-{i}" if i % 2 else i for i in range(num_statics)})
+    return tree
+
+
+def cases() -> dict[str, tuple[Callable, tuple]]:
+    """name -> (function, arguments)."""
+    mlp = eqx.nn.MLP(8, 8, 32, 2, key=jax.random.key(0))
+    return {
+        "a: array + int": (_scale, (jnp.ones(8), 3)),
+        "b: dict 1 array + 1 static": (_dict_fn, ({"w": jnp.ones(8), "act": "double"},)),
+        "c: MLP(8, 8, 32, 2)": (_mlp_fn, (mlp, jnp.ones(8))),
+        "d: 100 arrays + 20 statics": (_many_fn, (_tree_of(100, 20),)),
+        "e: 1000 arrays + 50 statics": (_many_fn, (_tree_of(1000, 50),)),
+    }
+
+
+def hand_split(fun: Callable, args: tuple) -> Callable[[], object]:
+    """`jax.jit` on the arrays only, statics closed over: the no-filtering baseline."""
+    dynamic, static = eqx.partition(args, eqx.is_array)
+    jitted = jax.jit(lambda dynamic: fun(*eqx.combine(dynamic, static)))
+    return lambda: jitted(dynamic)
+
+
+def contenders(fun: Callable, args: tuple) -> dict[str, Callable[[], object]]:
+    fj_jitted = fj.filter_jit(fun)
+    eqx_jitted = eqx.filter_jit(fun)
+    return {
+        "jax.jit (hand-split)": hand_split(fun, args),
+        "filterjax": lambda: fj_jitted(*args),
+        "equinox.filter_jit": lambda: eqx_jitted(*args),
+    }
+
+
+def per_call_us(call: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = call()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def measure(
+    contenders: dict[str, Callable[[], object]], calls: int, repeats: int
+) -> dict[str, float]:
+    """Median per-call µs of each contender, their rounds interleaved to share the noise."""
+    for call in contenders.values():
+        jax.block_until_ready(call())  # compile
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, call in contenders.items():
+            samples[name].append(per_call_us(call, calls))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# --- pytest-benchmark -------------------------------------------------------------------
+
+_CASES = cases()
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+@pytest.mark.parametrize("impl", ["jax.jit (hand-split)", "filterjax", "equinox.filter_jit"])
+def test_per_call(benchmark, case, impl):
+    fun, args = _CASES[case]
+    call = contenders(fun, args)[impl]
+    jax.block_until_ready(call())
+    benchmark.group = case
+    benchmark(call)
+
+
+# --- script mode -------------------------------------------------------------------------
+
+
+def main() -> None:
+    calls = int(os.environ.get("BENCH_CALLS", "300"))
+    repeats = int(os.environ.get("BENCH_REPEATS", "15"))
+    rows = []
+    for backend in ("native", "python"):
+        try:
+            fj_backend.set_backend(backend)
+        except ImportError:
+            print(f"(skipping the {backend} backend: not built)", file=sys.stderr)
+            continue
+        for case, (fun, args) in cases().items():
+            times = measure(contenders(fun, args), calls, repeats)
+            rows.append((backend, case, times))
+    header = (
+        "| backend | case | jax.jit hand-split µs | filterjax µs | equinox µs "
+        "| filterjax / jax.jit | equinox / filterjax |"
+    )
+    lines = [header, "|" + "---|" * 7]
+    for backend, case, t in rows:
+        base, ours, eqx_t = t["jax.jit (hand-split)"], t["filterjax"], t["equinox.filter_jit"]
+        lines.append(
+            f"| {backend} | {case} | {base:.1f} | {ours:.1f} | {eqx_t:.1f} "
+            f"| {ours / base:.2f} | {eqx_t / ours:.1f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    out = os.path.join(os.path.dirname(__file__), "results", "jit.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(
+            "Per-call time, median of "
+            f"{repeats} interleaved rounds of {calls} calls "
+            "(`python benches/bench_jit.py`), jax "
+            f"{jax.__version__}, equinox {eqx.__version__}.\n\n{table}\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
