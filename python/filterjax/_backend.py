@@ -9,7 +9,15 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-__all__ = ["backend", "set_backend", "partition", "rebuild", "is_array_fast", "StaticKey"]
+__all__ = [
+    "backend",
+    "set_backend",
+    "partition",
+    "rebuild",
+    "is_array_fast",
+    "StaticKey",
+    "Dispatcher",
+]
 
 _BUILD_HINT = (
     "filterjax's native module (filterjax._native) is not available. Build it with "
@@ -48,6 +56,7 @@ partition = None
 rebuild = None
 is_array_fast = None
 StaticKey = None
+Dispatcher = None
 
 
 def set_backend(name: str) -> None:
@@ -64,12 +73,13 @@ def backend() -> str:
 
 
 def _install(core: ModuleType) -> None:
-    global _core, partition, rebuild, is_array_fast, StaticKey
+    global _core, partition, rebuild, is_array_fast, StaticKey, Dispatcher
     _core = core
     partition = core.partition
     rebuild = core.rebuild
     is_array_fast = core.is_array
     StaticKey = core.StaticKey
+    Dispatcher = core.Dispatcher
 
 
 _install(_choose())

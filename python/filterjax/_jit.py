@@ -14,8 +14,9 @@ import functools
 import inspect
 import types
 import warnings
+import weakref
 from collections.abc import Callable
-from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
 
 import jax
 import jax.tree_util as jtu
@@ -219,102 +220,127 @@ def _make_traced(fun_key, fun_is_static: bool, name: str, split_first: bool):
 # ---------------------------------------------------------------------------------------
 
 
-class _JitWrapper(Generic[_P, _T]):
-    """The callable `filter_jit` returns. See `filter_jit`."""
+class JitFunction(Protocol[_P, _T]):
+    """What `filter_jit` returns: called like the wrapped function, with `.lower(...)`."""
 
-    def __init__(self, fun: Callable[_P, _T], donate: _Donate, jitkwargs: dict):
-        self._fun = fun
-        self._donate = donate
-        self._jitkwargs = jitkwargs
-        self._signature = _signature_of(fun)
-        self._name = getattr(fun, "__name__", type(fun).__name__)
-        self._split_first = donate in ("all-except-first", "warn-except-first")
-        self._silence_unused_donation = donate in ("all", "all-except-first")
-        functools.update_wrapper(self, fun)
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _T: ...
+
+    def lower(self, *args: _P.args, **kwargs: _P.kwargs) -> Lowered[_T]: ...
+
+
+class _JitState:
+    """Everything behind one `filter_jit` function except its per-call fast path.
+
+    The callable handed to the user is a core `Dispatcher` (native or Python), which runs
+    the common call in one go and hands every other call to `call_slow`.
+    """
+
+    def __init__(self, fun: Callable, donate: _Donate, jitkwargs: dict):
+        self.fun = fun
+        self.donate = donate
+        self.jitkwargs = jitkwargs
+        self.signature = _signature_of(fun)
+        self.name = getattr(fun, "__name__", type(fun).__name__)
+        self.split_first = donate in ("all-except-first", "warn-except-first")
+        self.silence_unused_donation = donate in ("all", "all-except-first")
+        self.dispatcher_ref: weakref.ref | None = None
         self._setup()
-        _caches.register_owner(self)
 
     def _setup(self) -> None:
         """(Re)build everything derived from the backend: fun's partition, plans, jit."""
         try:
-            self._fun_dynamic, fun_key = _backend.partition(_callable_as_tree(self._fun))
+            self.fun_dynamic, fun_key = _backend.partition(_callable_as_tree(self.fun))
         except UnhashableStaticError as err:
             raise _renamed(err, ("fun",)) from err.__cause__
-        self._plans: dict = {}
-        # The common case gets the shortest call: jitted(key, dynamic).
-        self._fast = not self._split_first and not self._fun_dynamic
-        self._fast_plain = self._fast and not self._silence_unused_donation
-        if self._split_first:
+        self.plans: dict = {}
+        fun_is_static = not self.fun_dynamic
+        if self.split_first:
             donate_argnums: tuple[int, ...] = (1, 3)
-        elif self._donate == "none":
+        elif self.donate == "none":
             donate_argnums = ()
-        elif self._fast:
+        elif fun_is_static:
             donate_argnums = (1,)
         else:
             donate_argnums = (1, 2)
-        self._jitted = jax.jit(
-            _make_traced(fun_key, self._fast, self._name, self._split_first),
+        self.jitted = jax.jit(
+            _make_traced(fun_key, fun_is_static, self.name, self.split_first),
             static_argnums=0,
             donate_argnums=donate_argnums,
-            **self._jitkwargs,
+            **self.jitkwargs,
         )
 
-    def _clear_cache(self) -> None:
-        self._jitted.clear_cache()
-        self._setup()
+    def make_dispatcher(self):
+        dispatcher = _backend.Dispatcher(
+            self.jitted,
+            self.plans,
+            _identity_plan,
+            self.call_slow,
+            _OutputSpec,
+            **self._dispatch_options(),
+        )
+        self.dispatcher_ref = weakref.ref(dispatcher)
+        return dispatcher
 
-    def _bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _dispatch_options(self) -> dict:
+        return {
+            "leading": self.fun_dynamic or None,
+            "fast": not (self.split_first or self.silence_unused_donation),
+        }
+
+    def _clear_cache(self) -> None:
+        self.jitted.clear_cache()
+        self._setup()
+        dispatcher = self.dispatcher_ref() if self.dispatcher_ref is not None else None
+        if dispatcher is not None:
+            options = self._dispatch_options()
+            # A Dispatcher of the other backend would build keys the traced function can't
+            # read: send all its calls down the (backend-neutral) slow path.
+            options["fast"] = options["fast"] and type(dispatcher) is _backend.Dispatcher
+            dispatcher.reset(self.jitted, self.plans, **options)
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         shape = (len(args), tuple(kwargs)) if kwargs else len(args)
-        plan = self._plans.get(shape)
+        plan = self.plans.get(shape)
         if plan is None:
             try:
-                plan = _make_plan(self._signature, args, kwargs)
+                plan = _make_plan(self.signature, args, kwargs)
             except TypeError as err:
-                raise _bind_error(self._fun, err) from None
-            self._plans[shape] = plan
+                raise _bind_error(self.fun, err) from None
+            self.plans[shape] = plan
         return plan(args, kwargs)
 
-    def _jit_arguments(self, args: tuple, kwargs: dict) -> tuple:
-        """Everything `self._jitted` is called with: (key, [fun_dynamic], dynamic...)."""
-        args, kwargs = self._bind(args, kwargs)
+    def jit_arguments(self, args: tuple, kwargs: dict) -> tuple:
+        """Everything `self.jitted` is called with: (key, [fun_dynamic], dynamic...)."""
+        args, kwargs = self.bind(args, kwargs)
         try:
-            if self._split_first:
+            if self.split_first:
                 if not args:
                     raise TypeError(
-                        f"filter_jit(donate={self._donate!r}) needs at least one positional "
-                        f"argument to keep undonated; {self._name}() was called without one."
+                        f"filter_jit(donate={self.donate!r}) needs at least one positional "
+                        f"argument to keep undonated; {self.name}() was called without one."
                     )
                 first_dynamic, first_key = _backend.partition((args[0],))
                 rest_dynamic, rest_key = _backend.partition((args[1:], kwargs))
-                return (first_key, rest_key), self._fun_dynamic, first_dynamic, rest_dynamic
+                return (first_key, rest_key), self.fun_dynamic, first_dynamic, rest_dynamic
             dynamic, key = _backend.partition((args, kwargs))
         except UnhashableStaticError as err:
             raise _renamed(err, ("args", "kwargs")) from err.__cause__
-        if self._fast:
-            return key, dynamic
-        return key, self._fun_dynamic, dynamic
+        if self.fun_dynamic:
+            return key, self.fun_dynamic, dynamic
+        return key, dynamic
 
-    def __call__(self, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        if self._fast_plain:
-            # The hot path, inlined: plan lookup, one partition, one jitted call.
-            plan = self._plans.get((len(args), tuple(kwargs)) if kwargs else len(args))
-            if plan is not _identity_plan:
-                args, kwargs = self._bind(args, kwargs)
-            try:
-                dynamic, key = _backend.partition((args, kwargs))
-            except UnhashableStaticError as err:
-                raise _renamed(err, ("args", "kwargs")) from err.__cause__
-            return _rebuild_output(self._jitted(key, dynamic))
-        jit_args = self._jit_arguments(args, kwargs)
-        if self._silence_unused_donation:
+    def call_slow(self, args: tuple, kwargs: dict) -> Any:
+        """A call off the Dispatcher's fast path: first of its shape, donation modes, errors."""
+        jit_args = self.jit_arguments(args, kwargs)
+        if self.silence_unused_donation:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
-                out = self._jitted(*jit_args)
+                out = self.jitted(*jit_args)
         else:
-            out = self._jitted(*jit_args)
+            out = self.jitted(*jit_args)
         return _rebuild_output(out)
 
-    def lower(self, /, *args: _P.args, **kwargs: _P.kwargs) -> Lowered[_T]:
+    def lower(self, /, *args: Any, **kwargs: Any) -> Lowered:
         """Lower for these arguments (ahead-of-time compilation).
 
         **Returns:**
@@ -322,16 +348,8 @@ class _JitWrapper(Generic[_P, _T]):
         A `Lowered` object with `.as_text()` and `.compile()`; the compiled object is
         called with the same arguments (static ones included) as this function.
         """
-        jit_args = self._jit_arguments(args, kwargs)
-        return Lowered(self, self._jitted.lower(*jit_args), jit_args[0])
-
-    def __get__(self, instance, owner=None):
-        if instance is None:
-            return self
-        return types.MethodType(self, instance)
-
-    def __repr__(self) -> str:
-        return f"<filter_jit({self._name})>"
+        jit_args = self.jit_arguments(args, kwargs)
+        return Lowered(self, self.jitted.lower(*jit_args), jit_args[0])
 
 
 def _renamed(err: UnhashableStaticError, roots: tuple[str, ...]) -> UnhashableStaticError:
@@ -342,9 +360,9 @@ def _renamed(err: UnhashableStaticError, roots: tuple[str, ...]) -> UnhashableSt
 
 
 class Lowered(Generic[_T]):
-    """A `filter_jit` function lowered for one call signature (see `_JitWrapper.lower`)."""
+    """A `filter_jit` function lowered for one call signature (see `JitFunction.lower`)."""
 
-    def __init__(self, wrapper: _JitWrapper, lowered, key):
+    def __init__(self, wrapper: _JitState, lowered, key):
         self._wrapper = wrapper
         self._lowered = lowered
         self._key = key
@@ -364,7 +382,7 @@ class Lowered(Generic[_T]):
 class Compiled(Generic[_T]):
     """A compiled `filter_jit` program, callable with the arguments it was lowered for."""
 
-    def __init__(self, wrapper: _JitWrapper, compiled, key):
+    def __init__(self, wrapper: _JitState, compiled, key):
         self._wrapper = wrapper
         self._compiled = compiled
         self._key = key
@@ -373,10 +391,10 @@ class Compiled(Generic[_T]):
         return self._compiled.as_text(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> _T:
-        key, *dynamic = self._wrapper._jit_arguments(args, kwargs)
+        key, *dynamic = self._wrapper.jit_arguments(args, kwargs)
         if key != self._key:
             raise TypeError(
-                f"This compiled {self._wrapper._name} was lowered for arguments with another "
+                f"This compiled {self._wrapper.name} was lowered for arguments with another "
                 "tree structure or other static (non-array) values than the ones it was "
                 "called with. Lower and compile again for these arguments, or call the "
                 "filter_jit function itself (which compiles as needed)."
@@ -386,12 +404,14 @@ class Compiled(Generic[_T]):
 
 @overload
 def filter_jit(
-    *, donate: _Donate = "none"
-) -> Callable[[Callable[_P, _T]], _JitWrapper[_P, _T]]: ...
+    *, donate: _Donate = "none", **jitkwargs: Any
+) -> Callable[[Callable[_P, _T]], JitFunction[_P, _T]]: ...
 
 
 @overload
-def filter_jit(fun: Callable[_P, _T], *, donate: _Donate = "none") -> _JitWrapper[_P, _T]: ...
+def filter_jit(
+    fun: Callable[_P, _T], *, donate: _Donate = "none", **jitkwargs: Any
+) -> JitFunction[_P, _T]: ...
 
 
 def filter_jit(fun=None, *, donate: _Donate = "none", **jitkwargs):
@@ -468,4 +488,10 @@ def filter_jit(fun=None, *, donate: _Donate = "none", **jitkwargs):
         return functools.partial(filter_jit, donate=donate, **jitkwargs)
     if not callable(fun):
         raise TypeError(f"filter_jit expects a callable, got {type(fun).__name__}")
-    return _JitWrapper(fun, donate, jitkwargs)
+    state = _JitState(fun, donate, jitkwargs)
+    dispatcher = state.make_dispatcher()
+    functools.update_wrapper(dispatcher, fun)
+    dispatcher.lower = state.lower
+    dispatcher._filterjax_state = state
+    _caches.register_owner(state)
+    return dispatcher

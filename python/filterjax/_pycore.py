@@ -8,6 +8,7 @@ module is tested against.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import MethodType
 from typing import Any
 
 import jax
@@ -17,7 +18,7 @@ import numpy as np
 from ._diagnose import raise_flatten_error
 from ._errors import unhashable_static
 
-__all__ = ["StaticKey", "partition", "rebuild", "is_array", "BACKEND"]
+__all__ = ["StaticKey", "Dispatcher", "partition", "rebuild", "is_array", "BACKEND"]
 
 BACKEND = "python"
 
@@ -187,3 +188,57 @@ def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | Non
     static_iter = iter(statics)
     leaves = [next(dynamic_iter) if m else next(static_iter) for m in key._mask]
     return key._treedef.unflatten(leaves)
+
+
+class Dispatcher:
+    """The per-call path of a `filter_jit` function (twin of the native `Dispatcher`).
+
+    Calls whose shape has `fast_plan` as plan are partitioned, passed to `jitted` as
+    `(key, [leading,] dynamic)` and their output rebuilt; everything else goes to
+    `fallback(args, kwargs)`.
+    """
+
+    def __init__(self, jitted, plans, fast_plan, fallback, output_spec, leading=None, fast=True):
+        self._jitted = jitted
+        self._plans = plans
+        self._fast_plan = fast_plan
+        self._fallback = fallback
+        self._output_spec = output_spec
+        self._leading = leading
+        self._fast = fast
+
+    def reset(self, jitted, plans, leading=None, fast=True) -> None:
+        """Swap in a new jitted function and plan table (after the caches were cleared)."""
+        self._jitted = jitted
+        self._plans = plans
+        self._leading = leading
+        self._fast = fast
+
+    def __call__(self, /, *args, **kwargs):
+        if not self._fast:
+            return self._fallback(args, kwargs)
+        plan = self._plans.get((len(args), tuple(kwargs)) if kwargs else len(args))
+        if plan is not self._fast_plan:
+            return self._fallback(args, kwargs)
+        try:
+            dynamic, key = partition((args, kwargs))
+        except Exception:
+            # The fallback partitions again and raises the error with the call's names.
+            return self._fallback(args, kwargs)
+        if self._leading is None:
+            out = self._jitted(key, dynamic)
+        else:
+            out = self._jitted(key, self._leading, dynamic)
+        if type(out) is dict and len(out) == 1:
+            ((spec, leaves),) = out.items()
+            if type(spec) is self._output_spec:
+                return rebuild(spec.key, leaves)
+        return out
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        return MethodType(self, instance)
+
+    def __repr__(self) -> str:
+        return f"<filter_jit({getattr(self, '__name__', '?')})>"

@@ -1,0 +1,114 @@
+"""Type stub of `filterjax._native`, the Rust twin of `filterjax._pycore`.
+
+Same functions, same results and same errors as the pure-Python core; only faster.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Literal, final
+
+__all__ = ["BACKEND", "StaticKey", "is_array", "partition", "rebuild"]
+
+BACKEND: Final[Literal["native"]]
+"""Name of this core implementation, as reported by `filterjax._backend.backend()`."""
+
+@final
+class StaticKey:
+    """Everything about a partitioned PyTree except its dynamic leaves.
+
+    Holds the structure (node kinds, arities and node data in `jax.tree_util`'s post-order),
+    the static leaves and which leaf positions are dynamic. Immutable; instances come only
+    from `partition`.
+
+    Two keys are equal when their masks are equal, their static leaves have the same exact
+    types and compare equal (identity first, then `==`), and their structures are equal as
+    `jax.tree_util.PyTreeDef`s are (custom node types by identity, node data with `==`).
+    So `1`, `1.0` and `True` as static leaves give unequal keys. Equal keys have equal
+    hashes. Exceptions raised while comparing leaves or node data propagate.
+    """
+
+    @property
+    def num_leaves(self) -> int:
+        """Number of leaves, dynamic and static."""
+
+    @property
+    def num_dynamic(self) -> int:
+        """Number of dynamic leaves."""
+
+    @property
+    def num_static(self) -> int:
+        """Number of static leaves."""
+
+    @property
+    def statics(self) -> tuple[Any, ...]:
+        """The static leaves, in leaf order."""
+
+    @property
+    def mask(self) -> tuple[bool, ...]:
+        """One entry per leaf, `True` where the leaf is dynamic."""
+
+    def __hash__(self) -> int:
+        """Hash of the structure, mask and static leaves (computed once, then cached).
+
+        Custom node aux data is not hashed (jax does not require it to be hashable).
+        Raises what a static leaf's `__hash__` raises.
+        """
+
+    def __eq__(self, other: object) -> bool: ...
+    def __ne__(self, other: object) -> bool: ...
+
+def is_array(x: Any) -> bool:
+    """True for JAX arrays (tracers included), NumPy arrays and NumPy scalars.
+
+    Same answer as `isinstance(x, (jax.Array, numpy.ndarray, numpy.generic))`, remembered
+    per exact type.
+    """
+
+def partition(
+    tree: Any,
+    predicate: Callable[[Any], Any] | None = None,
+    is_leaf: Callable[[Any], bool | None] | None = None,
+    hashed: bool = True,
+) -> tuple[list[Any], StaticKey]:
+    """Flatten `tree` and split its leaves into dynamic and static.
+
+    **Arguments:**
+
+    - `tree`: any PyTree, flattened exactly as `jax.tree_util.tree_flatten(tree, is_leaf)`
+        would (same leaves, same order).
+    - `predicate`: `leaf -> truthy` for a dynamic leaf. `None` means `is_array`.
+    - `is_leaf`: as in `jax.tree_util.tree_flatten`; must return `True`, `False` or `None`.
+    - `hashed`: hash the key now, so that an unhashable static leaf is reported here (as
+        `filterjax.UnhashableStaticError`, with its path). With `False` the key is hashed on
+        first use, if ever.
+
+    **Returns:**
+
+    `(dynamic_leaves, key)`.
+
+    **Raises:**
+
+    Whatever `filterjax._diagnose.raise_flatten_error` raises for a tree that cannot be
+    flattened (bad custom flatten function, unsortable dict keys, cycles, nesting deeper
+    than `sys.getrecursionlimit()`, an exception from `is_leaf`), or what `predicate` raises.
+    """
+
+def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | None = None) -> Any:
+    """Inverse of `partition`: the tree with `dynamic` at the dynamic positions.
+
+    **Arguments:**
+
+    - `key`: a `StaticKey` from `partition`.
+    - `dynamic`: `key.num_dynamic` leaves (any sized iterable; lists and tuples are read in
+        place).
+    - `statics`: if given, `key.num_static` leaves replacing the key's static leaves (e.g.
+        `[None] * key.num_static` to keep only the dynamic part).
+
+    **Returns:**
+
+    The rebuilt tree. Containers are rebuilt as `jax.tree_util.PyTreeDef.unflatten` does;
+    custom nodes through their registered unflatten function, given the children as a tuple.
+
+    **Raises:**
+
+    `TypeError` if `key` is not a `StaticKey`; `ValueError` if a leaf count is wrong.
+    """

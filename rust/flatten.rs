@@ -1,0 +1,443 @@
+//! `partition`: flatten a PyTree exactly as `jax.tree_util.tree_flatten` does, sort each
+//! leaf into dynamic or static, and build the `StaticKey`, all in one pass.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use pyo3::prelude::*;
+use pyo3::exceptions::PyKeyError;
+use pyo3::types::{PyDict, PyIterator, PyList, PyTuple, PyType};
+use pyo3::{ffi, PyTypeInfo};
+
+use crate::classify::{self, Globals};
+use crate::errors::{self, Stop};
+use crate::key::{Node, StaticKey};
+
+/// Deepest nesting accepted whatever `sys.getrecursionlimit()` says. The walk keeps its own
+/// stack on the heap (a few words per level), so this only bounds memory for absurd limits.
+const MAX_DEPTH: usize = 1_000_000;
+
+/// What an open node is once all its children are flattened.
+enum Finish<'py> {
+    Tuple,
+    List,
+    NamedTuple(Bound<'py, PyType>),
+    Dict(Bound<'py, PyList>),
+    OrderedDict(Bound<'py, PyTuple>),
+    DefaultDict(Bound<'py, PyAny>, Bound<'py, PyTuple>),
+    Custom {
+        kind: Bound<'py, PyType>,
+        aux: Bound<'py, PyAny>,
+        from_iter: Bound<'py, PyAny>,
+    },
+}
+
+/// Where an open node's remaining children come from.
+enum Children<'py> {
+    Tuple(Bound<'py, PyTuple>),
+    List(Bound<'py, PyList>),
+    /// Values of a `dict`, looked up by its sorted keys.
+    DictValues(Bound<'py, PyDict>, Bound<'py, PyList>),
+    /// Values of another mapping, looked up with its `__getitem__` by ordered keys.
+    MappingValues(Bound<'py, PyAny>, Bound<'py, PyTuple>),
+    Iter(Bound<'py, PyIterator>),
+}
+
+/// A node whose children are being flattened: one entry of the explicit walk stack.
+struct Open<'py> {
+    children: Children<'py>,
+    next: usize,
+    /// Number of children, known up front except for lazily iterated custom children.
+    len: usize,
+    finish: Finish<'py>,
+}
+
+impl<'py> Open<'py> {
+    fn new(children: Children<'py>, len: usize, finish: Finish<'py>) -> Self {
+        Open {
+            children,
+            next: 0,
+            len,
+            finish,
+        }
+    }
+
+    /// The next child to flatten, or None once all are done.
+    #[inline]
+    fn next_child(&mut self) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let child = match &mut self.children {
+            Children::Iter(iter) => match iter.next() {
+                Some(child) => {
+                    self.len += 1;
+                    return child.map(Some);
+                }
+                None => return Ok(None),
+            },
+            _ if self.next >= self.len => return Ok(None),
+            Children::Tuple(tuple) => tuple.get_item(self.next)?,
+            // A strong reference each time: `is_leaf` may mutate the list meanwhile.
+            Children::List(list) => list.get_item(self.next)?,
+            Children::DictValues(dict, keys) => {
+                let key = keys.get_item(self.next)?;
+                match dict.get_item(&key)? {
+                    Some(child) => child,
+                    None => return Err(PyKeyError::new_err(key.unbind())),
+                }
+            }
+            Children::MappingValues(mapping, keys) => mapping.get_item(keys.get_item(self.next)?)?,
+        };
+        self.next += 1;
+        Ok(Some(child))
+    }
+
+    fn into_node(self) -> Node {
+        let arity = self.len;
+        match self.finish {
+            Finish::Tuple => Node::Tuple(arity),
+            Finish::List => Node::List(arity),
+            Finish::NamedTuple(kind) => Node::NamedTuple {
+                kind: kind.unbind(),
+                arity,
+            },
+            Finish::Dict(keys) => Node::Dict {
+                keys: keys.unbind(),
+                arity,
+            },
+            Finish::OrderedDict(keys) => Node::OrderedDict {
+                keys: keys.unbind(),
+                arity,
+            },
+            Finish::DefaultDict(factory, keys) => Node::DefaultDict {
+                factory: factory.unbind(),
+                keys: keys.unbind(),
+                arity,
+            },
+            Finish::Custom {
+                kind,
+                aux,
+                from_iter,
+            } => Node::Custom {
+                kind: kind.unbind(),
+                aux: aux.unbind(),
+                from_iter: from_iter.unbind(),
+                arity,
+            },
+        }
+    }
+}
+
+struct Flattener<'a, 'py> {
+    py: Python<'py>,
+    g: &'a Globals,
+    predicate: Option<&'a Bound<'py, PyAny>>,
+    is_leaf: Option<&'a Bound<'py, PyAny>>,
+    limit: usize,
+    nodes: Vec<Node>,
+    dynamic: Vec<Bound<'py, PyAny>>,
+    statics: Vec<Bound<'py, PyAny>>,
+    mask: Vec<bool>,
+    /// First error from classifying a leaf. The Python twin classifies only after a
+    /// successful flatten, so a flatten error found later must win over this one.
+    pending: Option<PyErr>,
+}
+
+impl<'a, 'py> Flattener<'a, 'py> {
+    /// Flatten `tree`: a depth-first walk with an explicit stack, so that no nesting depth
+    /// can overflow the Rust stack. Nodes are recorded in post-order, like jax's.
+    fn run(&mut self, tree: &Bound<'py, PyAny>) -> Result<(), Stop> {
+        let mut stack: Vec<Open<'py>> = Vec::with_capacity(8);
+        if let Some(open) = self.visit(tree.clone(), 0)? {
+            stack.push(open);
+        }
+        while let Some(top) = stack.last_mut() {
+            match top.next_child()? {
+                Some(child) => {
+                    let depth = stack.len();
+                    if let Some(open) = self.visit(child, depth)? {
+                        stack.push(open);
+                    }
+                }
+                None => {
+                    if let Some(done) = stack.pop() {
+                        self.nodes.push(done.into_node());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn leaf(&mut self, obj: Bound<'py, PyAny>) {
+        self.nodes.push(Node::Leaf);
+        if self.pending.is_some() {
+            return;
+        }
+        let dynamic = match self.predicate {
+            None => classify::is_array(self.g, &obj),
+            Some(predicate) => predicate.call1((&obj,)).and_then(|r| r.is_truthy()),
+        };
+        match dynamic {
+            Ok(true) => {
+                self.dynamic.push(obj);
+                self.mask.push(true);
+            }
+            Ok(false) => {
+                self.statics.push(obj);
+                self.mask.push(false);
+            }
+            Err(err) => self.pending = Some(err),
+        }
+    }
+
+    /// Classify one node at `depth`. Leaves and `None` are recorded at once; a container
+    /// is returned open, to have its children walked.
+    #[inline]
+    fn visit(&mut self, obj: Bound<'py, PyAny>, depth: usize) -> Result<Option<Open<'py>>, Stop> {
+        let py = self.py;
+        if let Some(is_leaf) = self.is_leaf {
+            if self.asks_leaf(is_leaf, &obj)? {
+                self.leaf(obj);
+                return Ok(None);
+            }
+        }
+        if depth >= self.limit {
+            return Err(Stop::TooDeep);
+        }
+        let ty = obj.get_type_ptr();
+        let g = self.g;
+        if ty == g.array_impl.as_ptr().cast()
+            || ty == g.ndarray.as_ptr().cast()
+            || classify::is_builtin_scalar(py, ty)
+        {
+            self.leaf(obj);
+            return Ok(None);
+        }
+        if obj.is_none() {
+            self.nodes.push(Node::None);
+            return Ok(None);
+        }
+        if ty == PyTuple::type_object_raw(py) {
+            let tuple = obj.cast_into::<PyTuple>().map_err(PyErr::from)?;
+            let len = tuple.len();
+            return Ok(Some(Open::new(Children::Tuple(tuple), len, Finish::Tuple)));
+        }
+        if ty == PyList::type_object_raw(py) {
+            let list = obj.cast_into::<PyList>().map_err(PyErr::from)?;
+            let len = list.len();
+            return Ok(Some(Open::new(Children::List(list), len, Finish::List)));
+        }
+        if ty == PyDict::type_object_raw(py) {
+            return self.open_dict(&obj).map(Some);
+        }
+        if ty == g.ordered_dict.as_ptr().cast() {
+            return self.open_ordered_dict(&obj).map(Some);
+        }
+        if ty == g.default_dict.as_ptr().cast() {
+            return self.open_default_dict(&obj).map(Some);
+        }
+        self.visit_other(obj)
+    }
+
+    /// Registered custom nodes, namedtuples and leaves of other types.
+    #[inline(never)]
+    fn visit_other(&mut self, obj: Bound<'py, PyAny>) -> Result<Option<Open<'py>>, Stop> {
+        let kind = obj.get_type();
+        if let Some(entry) = self.g.registry.bind(self.py).get_item(&kind)? {
+            return self.open_custom(&obj, kind, &entry).map(Some);
+        }
+        if obj.is_instance_of::<PyTuple>() && has_fields(&obj) {
+            let tuple = obj.cast_into::<PyTuple>().map_err(PyErr::from)?;
+            let len = tuple.len();
+            return Ok(Some(Open::new(
+                Children::Tuple(tuple),
+                len,
+                Finish::NamedTuple(kind),
+            )));
+        }
+        self.leaf(obj);
+        Ok(None)
+    }
+
+    /// `is_leaf(obj)`, accepting only what jax accepts: True, False or None.
+    fn asks_leaf(&self, is_leaf: &Bound<'py, PyAny>, obj: &Bound<'py, PyAny>) -> PyResult<bool> {
+        let answer = is_leaf.call1((obj,))?;
+        // SAFETY: only the addresses of the `True`/`False` singletons are read; they live
+        // as long as the interpreter and nothing is dereferenced.
+        let (true_ptr, false_ptr) = unsafe { (ffi::Py_True(), ffi::Py_False()) };
+        if answer.as_ptr() == true_ptr {
+            Ok(true)
+        } else if answer.as_ptr() == false_ptr || answer.is_none() {
+            Ok(false)
+        } else {
+            Err(errors::non_boolean_is_leaf(&answer))
+        }
+    }
+
+    #[inline(never)]
+    fn open_dict(&mut self, obj: &Bound<'py, PyAny>) -> Result<Open<'py>, Stop> {
+        let dict = obj.cast::<PyDict>().map_err(PyErr::from)?;
+        let keys = dict.keys();
+        keys.sort()?;
+        let len = keys.len();
+        Ok(Open::new(
+            Children::DictValues(dict.clone(), keys.clone()),
+            len,
+            Finish::Dict(keys),
+        ))
+    }
+
+    #[inline(never)]
+    fn open_ordered_dict(&mut self, obj: &Bound<'py, PyAny>) -> Result<Open<'py>, Stop> {
+        // The OrderedDict's own order (which `move_to_end` changes), not the dict's.
+        let keys = PyTuple::new(self.py, obj.try_iter()?.collect::<PyResult<Vec<_>>>()?)?;
+        let len = keys.len();
+        Ok(Open::new(
+            Children::MappingValues(obj.clone(), keys.clone()),
+            len,
+            Finish::OrderedDict(keys),
+        ))
+    }
+
+    #[inline(never)]
+    fn open_default_dict(&mut self, obj: &Bound<'py, PyAny>) -> Result<Open<'py>, Stop> {
+        let dict = obj.cast::<PyDict>().map_err(PyErr::from)?;
+        let sorted = dict.keys();
+        sorted.sort()?;
+        let keys = sorted.to_tuple();
+        let factory = obj.getattr(pyo3::intern!(self.py, "default_factory"))?;
+        let len = keys.len();
+        Ok(Open::new(
+            Children::MappingValues(obj.clone(), keys.clone()),
+            len,
+            Finish::DefaultDict(factory, keys),
+        ))
+    }
+
+    #[inline(never)]
+    fn open_custom(
+        &mut self,
+        obj: &Bound<'py, PyAny>,
+        kind: Bound<'py, PyType>,
+        entry: &Bound<'py, PyAny>,
+    ) -> Result<Open<'py>, Stop> {
+        let py = self.py;
+        let (to_iter, from_iter) = match entry.cast::<PyTuple>() {
+            Ok(pair) if pair.len() >= 2 => (pair.get_item(0)?, pair.get_item(1)?),
+            _ => (
+                entry.getattr(pyo3::intern!(py, "to_iter"))?,
+                entry.getattr(pyo3::intern!(py, "from_iter"))?,
+            ),
+        };
+        let result = to_iter.call1((obj,))?;
+        let pair = match result.cast::<PyTuple>() {
+            Ok(pair) if pair.len() == 2 => pair,
+            _ => return Err(errors::malformed_flatten(&result).into()),
+        };
+        let children = pair.get_item(0)?;
+        let aux = pair.get_item(1)?;
+        let finish = Finish::Custom {
+            kind,
+            aux,
+            from_iter,
+        };
+        if let Ok(tuple) = children.cast_exact::<PyTuple>() {
+            let len = tuple.len();
+            return Ok(Open::new(Children::Tuple(tuple.clone()), len, finish));
+        }
+        if let Ok(list) = children.cast_exact::<PyList>() {
+            let len = list.len();
+            return Ok(Open::new(Children::List(list.clone()), len, finish));
+        }
+        // Any other iterable is consumed lazily, as jax does.
+        let iter = children
+            .try_iter()
+            .map_err(|_| errors::malformed_children(&result))?;
+        Ok(Open::new(Children::Iter(iter), 0, finish))
+    }
+}
+
+/// `hasattr(obj, "_fields")`, swallowing errors as jax's namedtuple test does.
+fn has_fields(obj: &Bound<'_, PyAny>) -> bool {
+    obj.hasattr(pyo3::intern!(obj.py(), "_fields"))
+        .unwrap_or(false)
+}
+
+/// Vector capacity for the next call: the size the last call needed. Calls usually repeat
+/// with trees of one shape, so this makes the vectors right-sized with no regrowth.
+struct SizeHint(AtomicUsize);
+
+impl SizeHint {
+    const fn new(n: usize) -> Self {
+        SizeHint(AtomicUsize::new(n))
+    }
+
+    fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed).min(1 << 16)
+    }
+
+    fn set(&self, n: usize) {
+        self.0.store(n, Ordering::Relaxed);
+    }
+}
+
+static HINT_NODES: SizeHint = SizeHint::new(16);
+static HINT_DYNAMIC: SizeHint = SizeHint::new(8);
+static HINT_STATIC: SizeHint = SizeHint::new(8);
+static HINT_LEAVES: SizeHint = SizeHint::new(16);
+
+fn recursion_limit() -> usize {
+    // SAFETY: a plain read of an interpreter setting; the caller holds the GIL.
+    let limit = unsafe { ffi::Py_GetRecursionLimit() };
+    usize::try_from(limit).unwrap_or(0).min(MAX_DEPTH)
+}
+
+pub fn partition<'py>(
+    py: Python<'py>,
+    tree: &Bound<'py, PyAny>,
+    predicate: Option<&Bound<'py, PyAny>>,
+    is_leaf: Option<&Bound<'py, PyAny>>,
+    hashed: bool,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, StaticKey>)> {
+    let g = classify::globals(py)?;
+    let mut f = Flattener {
+        py,
+        g,
+        predicate,
+        is_leaf,
+        limit: recursion_limit(),
+        nodes: Vec::with_capacity(HINT_NODES.get()),
+        dynamic: Vec::with_capacity(HINT_DYNAMIC.get()),
+        statics: Vec::with_capacity(HINT_STATIC.get()),
+        mask: Vec::with_capacity(HINT_LEAVES.get()),
+        pending: None,
+    };
+    if let Err(stop) = f.run(tree) {
+        return Err(errors::flatten_failed(py, tree, is_leaf, stop));
+    }
+    if let Some(err) = f.pending {
+        return Err(err);
+    }
+    let num_dynamic = f.dynamic.len();
+    HINT_NODES.set(f.nodes.len());
+    HINT_DYNAMIC.set(num_dynamic);
+    HINT_STATIC.set(f.statics.len());
+    HINT_LEAVES.set(f.mask.len());
+    let dynamic = PyList::new(py, f.dynamic)?;
+    let statics = PyTuple::new(py, f.statics)?;
+    let key = StaticKey::new(f.nodes, statics.unbind(), f.mask, num_dynamic);
+    if hashed {
+        if let Err(failure) = key.compute_hash(py) {
+            let statics = key.statics.bind(py);
+            let leaf = statics.get_item(failure.static_index)?;
+            let index = key.leaf_index_of_static(failure.static_index);
+            return Err(errors::unhashable_static(
+                py,
+                tree,
+                is_leaf,
+                index,
+                &leaf,
+                failure.err,
+            ));
+        }
+    }
+    Ok((dynamic.into_any(), Bound::new(py, key)?))
+}

@@ -1,0 +1,420 @@
+//! `StaticKey`: the structure of a partitioned PyTree, its static leaves and its mask.
+
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use pyo3::basic::CompareOp;
+use pyo3::gc::PyVisit;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyList, PyTuple, PyType};
+use pyo3::PyTraverseError;
+
+use crate::classify;
+use crate::errors;
+
+/// One node of the flattened structure, in post-order (children before their parent), the
+/// order `jax.tree_util.PyTreeDef` keeps.
+pub enum Node {
+    Leaf,
+    None,
+    Tuple(usize),
+    List(usize),
+    /// A `dict`: its keys, sorted.
+    Dict { keys: Py<PyList>, arity: usize },
+    /// An `OrderedDict`: its keys in order (jax's node data).
+    OrderedDict { keys: Py<PyTuple>, arity: usize },
+    /// A `defaultdict`: jax's node data is `(default_factory, sorted keys)`.
+    DefaultDict { factory: Py<PyAny>, keys: Py<PyTuple>, arity: usize },
+    NamedTuple { kind: Py<PyType>, arity: usize },
+    /// Any type registered with `jax.tree_util`.
+    Custom { kind: Py<PyType>, aux: Py<PyAny>, from_iter: Py<PyAny>, arity: usize },
+}
+
+impl Node {
+    #[inline]
+    pub fn arity(&self) -> usize {
+        match self {
+            Node::Leaf | Node::None => 0,
+            Node::Tuple(n) | Node::List(n) => *n,
+            Node::Dict { arity, .. }
+            | Node::OrderedDict { arity, .. }
+            | Node::DefaultDict { arity, .. }
+            | Node::NamedTuple { arity, .. }
+            | Node::Custom { arity, .. } => *arity,
+        }
+    }
+
+    fn tag(&self) -> u64 {
+        match self {
+            Node::Leaf => 1,
+            Node::None => 2,
+            Node::Tuple(_) => 3,
+            Node::List(_) => 4,
+            Node::Dict { .. } => 5,
+            Node::OrderedDict { .. } => 6,
+            Node::DefaultDict { .. } => 7,
+            Node::NamedTuple { .. } => 8,
+            Node::Custom { .. } => 9,
+        }
+    }
+
+    /// `(type, node_data)` as `PyTreeDef.node_data()` gives it, for `__repr__`.
+    fn node_data<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let g = classify::globals(py)?;
+        let pair = |kind: Bound<'py, PyAny>, data: Bound<'py, PyAny>| -> PyResult<_> {
+            Ok(Some(PyTuple::new(py, [kind, data])?.into_any()))
+        };
+        let none = || py.None().into_bound(py);
+        match self {
+            Node::Leaf => Ok(None),
+            Node::None => pair(py.None().into_bound(py).get_type().into_any(), none()),
+            Node::Tuple(_) => pair(py.get_type::<PyTuple>().into_any(), none()),
+            Node::List(_) => pair(py.get_type::<PyList>().into_any(), none()),
+            Node::Dict { keys, .. } => pair(
+                py.get_type::<pyo3::types::PyDict>().into_any(),
+                keys.bind(py).clone().into_any(),
+            ),
+            Node::OrderedDict { keys, .. } => pair(
+                g.ordered_dict.bind(py).clone().into_any(),
+                keys.bind(py).clone().into_any(),
+            ),
+            Node::DefaultDict { factory, keys, .. } => pair(
+                g.default_dict.bind(py).clone().into_any(),
+                PyTuple::new(py, [factory.bind(py), keys.bind(py).as_any()])?.into_any(),
+            ),
+            Node::NamedTuple { kind, .. } => pair(kind.bind(py).clone().into_any(), none()),
+            Node::Custom { kind, aux, .. } => {
+                pair(kind.bind(py).clone().into_any(), aux.bind(py).clone())
+            }
+        }
+    }
+}
+
+/// `PyObject_RichCompareBool(a, b, Py_EQ)`: identity first, then `==`.
+#[inline]
+pub fn same_or_equal(a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if a.is(b) {
+        return Ok(true);
+    }
+    a.eq(b)
+}
+
+/// Does the node data of two nodes of the same kind, type and arity compare equal?
+fn node_data_equal(py: Python<'_>, a: &Node, b: &Node) -> PyResult<bool> {
+    // jax compares custom metadata inside a guard that rewraps errors; dict keys are
+    // compared bare.
+    let guarded = |r: PyResult<bool>| r.map_err(|e| errors::metadata_equality(py, e));
+    match (a, b) {
+        (Node::Dict { keys: ka, .. }, Node::Dict { keys: kb, .. }) => {
+            let (ka, kb) = (ka.bind(py), kb.bind(py));
+            for (x, y) in ka.iter().zip(kb.iter()) {
+                if !same_or_equal(&x, &y)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+        (Node::OrderedDict { keys: ka, .. }, Node::OrderedDict { keys: kb, .. }) => {
+            guarded(same_or_equal(ka.bind(py).as_any(), kb.bind(py).as_any()))
+        }
+        (
+            Node::DefaultDict { factory: fa, keys: ka, .. },
+            Node::DefaultDict { factory: fb, keys: kb, .. },
+        ) => guarded((|| {
+            Ok(same_or_equal(fa.bind(py), fb.bind(py))?
+                && same_or_equal(ka.bind(py).as_any(), kb.bind(py).as_any())?)
+        })()),
+        (Node::NamedTuple { kind: ta, .. }, Node::NamedTuple { kind: tb, .. }) => {
+            guarded(same_or_equal(ta.bind(py).as_any(), tb.bind(py).as_any()))
+        }
+        (Node::Custom { kind: ta, aux: xa, .. }, Node::Custom { kind: tb, aux: xb, .. }) => {
+            if !ta.is(tb) {
+                return Ok(false);
+            }
+            guarded(same_or_equal(xa.bind(py), xb.bind(py)))
+        }
+        _ => Ok(true),
+    }
+}
+
+const HASH_UNSET: isize = -1;
+
+/// A small multiply-xorshift combiner; only consistency with `__eq__` matters.
+#[inline]
+fn mix(h: u64, v: u64) -> u64 {
+    (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
+}
+
+/// Everything about a partitioned PyTree except its dynamic leaves.
+///
+/// Immutable. Equal structure and equal, same-typed static leaves give equal keys with
+/// equal hashes.
+#[pyclass(frozen, module = "filterjax._native", name = "StaticKey")]
+pub struct StaticKey {
+    pub nodes: Vec<Node>,
+    pub statics: Py<PyTuple>,
+    pub mask: Vec<bool>,
+    pub num_dynamic: usize,
+    hash: AtomicIsize,
+    mask_tuple: PyOnceLock<Py<PyTuple>>,
+}
+
+/// Why hashing a key failed: the static leaf (index among the statics) and its error.
+pub struct HashFailure {
+    pub static_index: usize,
+    pub err: PyErr,
+}
+
+impl StaticKey {
+    pub fn new(nodes: Vec<Node>, statics: Py<PyTuple>, mask: Vec<bool>, num_dynamic: usize) -> Self {
+        StaticKey {
+            nodes,
+            statics,
+            mask,
+            num_dynamic,
+            hash: AtomicIsize::new(HASH_UNSET),
+            mask_tuple: PyOnceLock::new(),
+        }
+    }
+
+    #[inline]
+    fn cached_hash(&self) -> Option<isize> {
+        let h = self.hash.load(Ordering::Relaxed);
+        (h != HASH_UNSET).then_some(h)
+    }
+
+    /// The key's hash, computed once. Hashes node kinds, arities, dict keys, node types,
+    /// the mask and every static leaf; never custom aux data (jax does not require it to
+    /// be hashable).
+    pub fn compute_hash(&self, py: Python<'_>) -> Result<isize, HashFailure> {
+        if let Some(h) = self.cached_hash() {
+            return Ok(h);
+        }
+        let mut h: u64 = 0x2545_F491_4F6C_DD1D ^ self.nodes.len() as u64;
+        let hash_of = |obj: &Bound<'_, PyAny>| -> u64 {
+            // Dict keys are hashable (they are in a dict); should one still fail, leave it
+            // out rather than fail: equal keys then still collide, which is allowed.
+            obj.hash().map(|v| v as u64).unwrap_or(0)
+        };
+        for node in &self.nodes {
+            h = mix(h, node.tag() | (node.arity() as u64) << 8);
+            match node {
+                Node::Dict { keys, .. } => {
+                    for k in keys.bind(py).iter() {
+                        h = mix(h, hash_of(&k));
+                    }
+                }
+                Node::OrderedDict { keys, .. } | Node::DefaultDict { keys, .. } => {
+                    for k in keys.bind(py).iter() {
+                        h = mix(h, hash_of(&k));
+                    }
+                }
+                Node::NamedTuple { kind, .. } => h = mix(h, hash_of(kind.bind(py).as_any())),
+                Node::Custom { kind, .. } => h = mix(h, kind.as_ptr() as u64),
+                _ => {}
+            }
+        }
+        let mut bits: u64 = 0;
+        for (i, &m) in self.mask.iter().enumerate() {
+            bits = (bits << 1) | m as u64;
+            if i % 64 == 63 {
+                h = mix(h, bits);
+                bits = 0;
+            }
+        }
+        h = mix(h, bits ^ self.mask.len() as u64);
+        for (i, leaf) in self.statics.bind(py).iter().enumerate() {
+            match leaf.hash() {
+                Ok(v) => h = mix(h, v as u64),
+                Err(err) => {
+                    return Err(HashFailure {
+                        static_index: i,
+                        err,
+                    })
+                }
+            }
+        }
+        let mut out = (h ^ (h >> 32)) as isize;
+        if out == HASH_UNSET {
+            out = -2;
+        }
+        self.hash.store(out, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Index among all leaves of the `static_index`-th static leaf.
+    pub fn leaf_index_of_static(&self, static_index: usize) -> usize {
+        self.mask
+            .iter()
+            .enumerate()
+            .filter(|(_, &dynamic)| !dynamic)
+            .nth(static_index)
+            .map(|(i, _)| i)
+            .unwrap_or(0)
+    }
+
+    fn structure_equal(&self, py: Python<'_>, other: &StaticKey) -> PyResult<bool> {
+        if self.nodes.len() != other.nodes.len() {
+            return Ok(false);
+        }
+        for (a, b) in self.nodes.iter().zip(other.nodes.iter()) {
+            if a.tag() != b.tag() || a.arity() != b.arity() {
+                return Ok(false);
+            }
+            if !node_data_equal(py, a, b)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn equal(&self, py: Python<'_>, other: &StaticKey) -> PyResult<bool> {
+        if std::ptr::eq(self, other) {
+            return Ok(true);
+        }
+        if let (Some(a), Some(b)) = (self.cached_hash(), other.cached_hash()) {
+            if a != b {
+                return Ok(false);
+            }
+        }
+        if self.mask != other.mask {
+            return Ok(false);
+        }
+        let (sa, sb) = (self.statics.bind(py), other.statics.bind(py));
+        if sa.len() != sb.len() {
+            return Ok(false);
+        }
+        for (x, y) in sa.iter().zip(sb.iter()) {
+            if x.get_type_ptr() != y.get_type_ptr() {
+                return Ok(false);
+            }
+        }
+        if !self.structure_equal(py, other)? {
+            return Ok(false);
+        }
+        for (x, y) in sa.iter().zip(sb.iter()) {
+            if !same_or_equal(&x, &y)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The structure as a real `PyTreeDef` (only for `__repr__`).
+    fn treedef<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let g = classify::globals(py)?;
+        let make = g.treedef_from_node.bind(py);
+        let registry = g.default_registry.bind(py);
+        let mut agenda: Vec<Bound<'py, PyAny>> = Vec::new();
+        for node in &self.nodes {
+            let arity = node.arity();
+            if arity > agenda.len() {
+                return Err(pyo3::exceptions::PyRuntimeError::new_err("corrupt StaticKey"));
+            }
+            let children = PyList::new(py, agenda.drain(agenda.len() - arity..))?;
+            agenda.push(make.call1((registry, node.node_data(py)?, children))?);
+        }
+        agenda
+            .pop()
+            .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("corrupt StaticKey"))
+    }
+}
+
+#[pymethods]
+impl StaticKey {
+    /// Number of leaves, dynamic and static.
+    #[getter]
+    fn num_leaves(&self) -> usize {
+        self.mask.len()
+    }
+
+    /// Number of dynamic leaves.
+    #[getter]
+    fn num_dynamic(&self) -> usize {
+        self.num_dynamic
+    }
+
+    /// Number of static leaves.
+    #[getter]
+    fn num_static(&self) -> usize {
+        self.mask.len() - self.num_dynamic
+    }
+
+    /// The static leaves, in leaf order.
+    #[getter]
+    fn statics<'py>(&self, py: Python<'py>) -> Bound<'py, PyTuple> {
+        self.statics.bind(py).clone()
+    }
+
+    /// One bool per leaf, True where the leaf is dynamic.
+    #[getter]
+    fn mask<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let t = self
+            .mask_tuple
+            .get_or_try_init(py, || PyTuple::new(py, self.mask.iter()).map(Bound::unbind))?;
+        Ok(t.bind(py).clone())
+    }
+
+    fn __hash__(&self, py: Python<'_>) -> PyResult<isize> {
+        self.compute_hash(py).map_err(|f| f.err)
+    }
+
+    fn __richcmp__(
+        slf: &Bound<'_, Self>,
+        other: &Bound<'_, PyAny>,
+        op: CompareOp,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let eq = match op {
+            CompareOp::Eq => true,
+            CompareOp::Ne => false,
+            _ => return Ok(py.NotImplemented()),
+        };
+        let Ok(other) = other.cast_exact::<StaticKey>() else {
+            return Ok(py.NotImplemented());
+        };
+        let equal = slf.get().equal(py, other.get())?;
+        Ok(pyo3::types::PyBool::new(py, equal == eq).to_owned().into_any().unbind())
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let structure = match self.treedef(py) {
+            Ok(t) => t.str()?.to_string(),
+            Err(_) => format!("<{} nodes>", self.nodes.len()),
+        };
+        Ok(format!(
+            "StaticKey({}, statics={}, num_dynamic={})",
+            structure,
+            self.statics.bind(py).repr()?,
+            self.num_dynamic
+        ))
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.statics)?;
+        // The cached mask tuple holds only bools, so it can never be part of a cycle.
+        for node in &self.nodes {
+            match node {
+                Node::Dict { keys, .. } => visit.call(keys)?,
+                Node::OrderedDict { keys, .. } => visit.call(keys)?,
+                Node::DefaultDict { factory, keys, .. } => {
+                    visit.call(factory)?;
+                    visit.call(keys)?;
+                }
+                Node::NamedTuple { kind, .. } => visit.call(kind)?,
+                Node::Custom {
+                    kind,
+                    aux,
+                    from_iter,
+                    ..
+                } => {
+                    visit.call(kind)?;
+                    visit.call(aux)?;
+                    visit.call(from_iter)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,86 @@
+//! `filterjax._native`: the per-call PyTree work of filterjax, in Rust.
+//!
+//! A drop-in twin of `python/filterjax/_pycore.py`: same functions, same results, same
+//! errors. `partition` flattens a PyTree with `jax.tree_util` semantics and splits the
+//! leaves into dynamic and static in one pass; `rebuild` is its inverse; `StaticKey` is
+//! the hashable description of everything but the dynamic leaves.
+//!
+//! Unit tests (`cargo test`) link against libpython, so they need to find the interpreter
+//! that has jax installed and its shared library:
+//!
+//! ```text
+//! cd /work/main && PYO3_PYTHON=/work/venv/bin/python \
+//!   LD_LIBRARY_PATH=$(/work/venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))') \
+//!   PYTHONPATH=/work/main/python:$(/work/venv/bin/python -c 'import site; print(site.getsitepackages()[0])') \
+//!   cargo test
+//! ```
+
+use pyo3::prelude::*;
+
+mod classify;
+mod dispatch;
+mod errors;
+mod flatten;
+mod key;
+mod rebuild;
+
+#[cfg(test)]
+mod tests;
+
+pub use key::StaticKey;
+
+/// A flag argument tested for truth, like the Python twin's `if hashed:`.
+struct Truthy(bool);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Truthy {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        Ok(Truthy(obj.is_truthy()?))
+    }
+}
+
+/// True for JAX arrays (tracers included), NumPy arrays and NumPy scalars.
+#[pyfunction]
+fn is_array(py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let globals = classify::globals(py)?;
+    classify::is_array(globals, x)
+}
+
+/// Flatten `tree` and split its leaves into dynamic and static.
+#[pyfunction]
+#[pyo3(signature = (tree, predicate=None, is_leaf=None, hashed=Truthy(true)))]
+fn partition<'py>(
+    py: Python<'py>,
+    tree: &Bound<'py, PyAny>,
+    predicate: Option<&Bound<'py, PyAny>>,
+    is_leaf: Option<&Bound<'py, PyAny>>,
+    hashed: Truthy,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, StaticKey>)> {
+    let predicate = predicate.filter(|p| !p.is_none());
+    let is_leaf = is_leaf.filter(|f| !f.is_none());
+    flatten::partition(py, tree, predicate, is_leaf, hashed.0)
+}
+
+/// Inverse of `partition`: the tree with `dynamic` at the dynamic positions.
+#[pyfunction(name = "rebuild")]
+#[pyo3(signature = (key, dynamic, statics=None))]
+fn rebuild_tree<'py>(
+    py: Python<'py>,
+    key: &Bound<'py, PyAny>,
+    dynamic: &Bound<'py, PyAny>,
+    statics: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    rebuild::rebuild(py, key, dynamic, statics.filter(|s| !s.is_none()))
+}
+
+#[pymodule(gil_used = true)]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("BACKEND", "native")?;
+    m.add_class::<StaticKey>()?;
+    m.add_class::<dispatch::Dispatcher>()?;
+    m.add_function(wrap_pyfunction!(is_array, m)?)?;
+    m.add_function(wrap_pyfunction!(partition, m)?)?;
+    m.add_function(wrap_pyfunction!(rebuild_tree, m)?)?;
+    Ok(())
+}
