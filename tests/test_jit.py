@@ -499,3 +499,38 @@ def test_unhashable_static_keyword_leaf_names_path():
 def test_not_callable_rejected():
     with pytest.raises(TypeError, match="callable"):
         fj.filter_jit(3)
+
+
+def test_signature_and_repr_follow_the_wrapped_function():
+    import inspect
+
+    def add(x, y=1, *, scale):
+        return (x + y) * scale
+
+    f = fj.filter_jit(add)
+    assert str(inspect.signature(f)) == "(x, y=1, *, scale)"
+    assert "add" in repr(f)
+
+
+def test_function_made_under_one_backend_still_works_after_a_switch(backend):
+    from conftest import BACKENDS
+
+    body = counting(lambda x, s: x * len(s))
+    f = fj.filter_jit(body)
+    np.testing.assert_allclose(f(jnp.ones(2), "ab"), [2.0, 2.0])
+    for other in BACKENDS:
+        fj._backend.set_backend(other)
+        np.testing.assert_allclose(f(jnp.ones(2), "abc"), [3.0, 3.0])
+        np.testing.assert_allclose(f(jnp.ones(2), s="abcd"), [4.0, 4.0])
+    fj._backend.set_backend(backend)
+    np.testing.assert_allclose(f(jnp.ones(2), "ab"), [2.0, 2.0])
+
+
+def test_keyword_calls_take_the_same_program_as_positional_ones_repeatedly():
+    body = counting(lambda x, y: x + y)
+    f = fj.filter_jit(body)
+    for _ in range(3):
+        f(jnp.ones(2), y=jnp.ones(2))
+        f(x=jnp.ones(2), y=jnp.ones(2))
+        f(jnp.ones(2), jnp.ones(2))
+    assert body.count() == 1
