@@ -68,7 +68,22 @@ def set_backend(name: str) -> None:
 
 
 def backend() -> str:
-    """Which core implementation is in use: `"native"` or `"python"`."""
+    """Which core implementation is in use.
+
+    The native (Rust) module is used when it imports, the pure-Python twin otherwise;
+    `FILTERJAX_BACKEND=native` or `=python` forces one.
+
+    **Returns:**
+
+    `"native"` or `"python"`.
+
+    ```python
+    >>> import filterjax
+    >>> filterjax.backend() in ("native", "python")
+    True
+
+    ```
+    """
     return _core.BACKEND
 
 

@@ -20,7 +20,24 @@ def register_clearer(clear: Callable[[], None]) -> None:
 
 
 def clear_caches() -> None:
-    """Empty every cache filterjax holds (compiled programs, call plans, traces)."""
+    """Empty every cache filterjax holds: compiled programs, traces and call plans of every
+    live transformed function. The next call of each traces and compiles again.
+
+    **Returns:**
+
+    Nothing.
+
+    ```python
+    >>> import jax.numpy as jnp
+    >>> import filterjax
+    >>> f = filterjax.filter_jit(lambda x: x + 1)
+    >>> _ = f(jnp.ones(2))
+    >>> filterjax.clear_caches()
+    >>> f(jnp.ones(2))
+    Array([2., 2.], dtype=float32)
+
+    ```
+    """
     for owner in list(_owners):
         owner._clear_cache()
     for clear in _clearers:

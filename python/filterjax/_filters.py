@@ -53,7 +53,9 @@ def is_array_like(element: Any) -> bool:
 
     ```
     """
-    return isinstance(element, _ARRAY_TYPES + _PYTHON_NUMBERS) or hasattr(element, "__jax_array__")
+    return isinstance(element, _ARRAY_TYPES + _PYTHON_NUMBERS) or callable(
+        getattr(element, "__jax_array__", None)
+    )
 
 
 def _is_inexact_dtype(dtype) -> bool:
@@ -83,8 +85,9 @@ def is_inexact_array_like(element: Any) -> bool:
 
     ```
     """
-    if hasattr(element, "__jax_array__"):
-        element = element.__jax_array__()
+    as_jax_array = getattr(element, "__jax_array__", None)
+    if callable(as_jax_array):  # tracers carry the attribute, set to None
+        element = as_jax_array()
     if isinstance(element, (float, complex)):
         return True
     return isinstance(element, _ARRAY_TYPES) and _is_inexact_dtype(element.dtype)

@@ -451,9 +451,9 @@ def filter_jit(fun=None, *, donate: _Donate = "none", **jitkwargs):
         ... def f(x, y):  # both args traced if arrays, static if non-arrays
         ...     return x + y, x - y
         >>> f(jnp.array(1), jnp.array(2))  # both args traced
-        (Array(3, dtype=int32), Array(-1, dtype=int32))
+        (Array(3, dtype=int32, weak_type=True), Array(-1, dtype=int32, weak_type=True))
         >>> f(jnp.array(1), 2)  # first arg traced, second arg static
-        (Array(3, dtype=int32), Array(-1, dtype=int32))
+        (Array(3, dtype=int32, weak_type=True), Array(-1, dtype=int32, weak_type=True))
         >>> f(1, 2)  # both args static
         (3, -1)
 
@@ -490,7 +490,9 @@ def filter_jit(fun=None, *, donate: _Donate = "none", **jitkwargs):
         raise TypeError(f"filter_jit expects a callable, got {type(fun).__name__}")
     state = _JitState(fun, donate, jitkwargs)
     dispatcher = state.make_dispatcher()
-    functools.update_wrapper(dispatcher, fun)
+    # updated=(): copying fun's __dict__ would plant its attributes (a Module's fields,
+    # another wrapper's state) on the dispatcher.
+    functools.update_wrapper(dispatcher, fun, updated=())
     dispatcher.lower = state.lower
     dispatcher._filterjax_state = state
     _caches.register_owner(state)

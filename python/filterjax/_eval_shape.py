@@ -1,0 +1,62 @@
+"""filter_eval_shape: `jax.eval_shape` for functions of arbitrary Python objects."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from . import _backend
+from ._jit import _callable_as_tree
+
+__all__ = ["filter_eval_shape"]
+
+
+def _is_traced(leaf: Any) -> bool:
+    return _backend.is_array_fast(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
+
+
+def filter_eval_shape(fun: Callable[..., Any], *args, **kwargs) -> Any:
+    """As `jax.eval_shape`, but allows any Python object as inputs and outputs.
+
+    (`jax.eval_shape` is constrained to only work with JAX arrays, Python float/int/etc.)
+
+    **Arguments:**
+
+    - `fun`: the function to evaluate abstractly. It may itself be a PyTree holding
+        arrays (e.g. a `functools.partial` or a model's bound method).
+    - `*args`, `**kwargs`: its arguments. JAX/NumPy arrays and `jax.ShapeDtypeStruct`s
+        are traced; everything else is passed through as it is.
+
+    **Returns:**
+
+    `fun(*args, **kwargs)` with every array replaced by a `jax.ShapeDtypeStruct`;
+    non-array outputs are returned as they are. Nothing is computed.
+
+    !!! example
+
+        ```python
+        >>> import jax.numpy as jnp
+        >>> out = filter_eval_shape(lambda x, tag: (x @ x.T, tag), jnp.ones((2, 3)), "t")
+        >>> out
+        (ShapeDtypeStruct(shape=(2, 2), dtype=float32), 't')
+
+        ```
+    """
+    dynamic, key = _backend.partition(
+        (_callable_as_tree(fun), args, kwargs), _is_traced, None, False
+    )
+    side: list = []
+
+    def traced(*leaves):
+        call_fun, call_args, call_kwargs = _backend.rebuild(key, list(leaves))
+        out = call_fun(*call_args, **call_kwargs)
+        out_dynamic, out_key = _backend.partition(out, None, None, False)
+        side.append(out_key)
+        return out_dynamic
+
+    # A fresh function per call: JAX never answers from a cache, so `side` is filled.
+    out_structs = jax.eval_shape(traced, *dynamic)
+    (out_key,) = side
+    return _backend.rebuild(out_key, out_structs)

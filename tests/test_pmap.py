@@ -1,0 +1,125 @@
+"""filter_pmap over 8 CPU devices, against jax.pmap on hand-split args and equinox."""
+
+from __future__ import annotations
+
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import filterjax as fj
+
+N = 8
+
+
+def _close(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+
+
+def test_eight_devices():
+    assert jax.local_device_count() == N
+
+
+def test_mixed_pytree_matches_hand_split_pmap_and_equinox():
+    tree = {"a": jnp.arange(N * 3.0).reshape(N, 3), "b": np.ones((N, 2)), "name": "x", "k": 2}
+
+    def f(t, scale):
+        return {"out": t["a"].sum() * t["k"] + t["b"] * scale, "name": t["name"] * 2}
+
+    ours = fj.filter_pmap(f, axis_name="i")(tree, 3.0)
+    hand = jax.pmap(lambda a, b: a.sum() * 2 + b * 3.0)(tree["a"], tree["b"])
+    assert ours["name"] == "xx"
+    _close(ours["out"], hand)
+    theirs = eqx.filter_pmap(f)(tree, 3.0)
+    assert theirs["name"] == ours["name"]
+    _close(ours["out"], theirs["out"])
+    assert ours["out"].shape == (N, 2)
+
+
+def test_compiles_once_per_static_key():
+    traces = []
+
+    @fj.filter_pmap
+    def f(x, mode):
+        traces.append(mode)
+        return x * 2 if mode == "double" else x
+
+    x = jnp.arange(N * 1.0)
+    for _ in range(3):
+        _close(f(x, "double"), x * 2)
+    assert traces == ["double"]
+    _close(f(x, "same"), x)
+    _close(f(x + 1, "double"), (x + 1) * 2)
+    assert traces == ["double", "same"]
+
+
+def test_in_axes_out_axes_axis_name_and_size():
+    x = jnp.arange(N * 2.0).reshape(2, N)
+    f = fj.filter_pmap(
+        lambda a, b: {"m": a + b, "s": jax.lax.psum(a, "i"), "t": "tag"},
+        in_axes=(1, None),
+        out_axes={"m": 1, "s": None, "t": None},
+        axis_name="i",
+    )
+    out = f(x, jnp.ones(2))
+    assert out["m"].shape == (2, N) and out["s"].shape == (2,) and out["t"] == "tag"
+    _close(out["m"], x + 1)
+    _close(out["s"], x.sum(1))
+    # dict in_axes naming an argument
+    g = fj.filter_pmap(lambda a, b: a * b, in_axes={"b": None})
+    _close(g(jnp.arange(N * 1.0), jnp.float32(2)), jnp.arange(N * 1.0) * 2)
+    # nothing mapped but axis_size
+    h = fj.filter_pmap(lambda s: jnp.ones(2) * s, axis_size=N)
+    assert h(2.0).shape == (N, 2)
+    # out axis beyond the first groups: rank-5 output with the mapped axis last
+    k = fj.filter_pmap(lambda a: {"v": jnp.ones((1, 1, 1, 1, 1)) * a}, out_axes={"v": 5})
+    assert k(jnp.arange(N * 1.0))["v"].shape == (1, 1, 1, 1, 1, N)
+
+
+def test_model_fun_with_arrays_and_method():
+    model = eqx.nn.MLP(3, 2, 8, 1, key=jr.PRNGKey(0))
+    xs = jr.normal(jr.PRNGKey(1), (N, 3))
+    out = fj.filter_pmap(model)(xs)  # the model's arrays are broadcast
+    _close(out, jax.vmap(model)(xs))
+
+    class Net(eqx.Module):
+        lin: eqx.nn.Linear
+
+        @fj.filter_pmap
+        def __call__(self, x):
+            return self.lin(x)
+
+    net = Net(eqx.nn.Linear(3, 2, key=jr.PRNGKey(2)))
+    stacked = eqx.filter_vmap(lambda k: Net(eqx.nn.Linear(3, 2, key=k)))(jr.split(jr.PRNGKey(3), N))
+    _close(stacked(xs), jax.vmap(lambda n, x: n.lin(x))(stacked, xs))
+    assert fj.filter_pmap.__name__ == "filter_pmap" and net is not None
+
+
+def test_donation():
+    x = jnp.arange(N * 4.0).reshape(N, 4)
+    x = jax.pmap(lambda a: a)(x)  # already laid out over the devices
+    f = fj.filter_pmap(lambda a, tag: a + 1, donate="all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = f(x, "t")
+    assert x.is_deleted()
+    _close(y, jnp.arange(N * 4.0).reshape(N, 4) + 1)
+    g = fj.filter_pmap(lambda a: a + 1, donate="none")
+    z = g(y)
+    assert not y.is_deleted() and not z.is_deleted()
+    with pytest.raises(ValueError, match="donate"):
+        fj.filter_pmap(lambda a: a, donate="all-except-first")
+
+
+def test_batch_size_mismatch_names_leaves():
+    f = fj.filter_pmap(lambda a, b: a)
+    with pytest.raises(ValueError, match=r"args\[0\].*args\[1\]\['w'\]"):
+        f(jnp.ones(N), {"w": jnp.ones(N - 1)})
+    with pytest.raises(RuntimeError, match="keyword"):
+        f(jnp.ones(N), b=1)
