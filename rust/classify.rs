@@ -36,7 +36,11 @@ fn attr_of(py: Python<'_>, module: &str, name: &str) -> PyResult<Py<PyAny>> {
 }
 
 fn type_of(py: Python<'_>, module: &str, name: &str) -> PyResult<Py<PyType>> {
-    Ok(py.import(module)?.getattr(name)?.cast_into::<PyType>()?.unbind())
+    Ok(py
+        .import(module)?
+        .getattr(name)?
+        .cast_into::<PyType>()?
+        .unbind())
 }
 
 fn load_globals(py: Python<'_>) -> PyResult<Globals> {
@@ -96,7 +100,7 @@ fn is_array_slow(g: &Globals, x: &Bound<'_, PyAny>) -> PyResult<bool> {
     let cache = g.array_types.bind(py);
     let kind = x.get_type();
     if let Some(known) = cache.get_item(&kind)? {
-        return Ok(known.is_truthy()?);
+        return known.is_truthy();
     }
     let answer = x.is_instance(g.array_bases.bind(py))?;
     cache.set_item(kind, answer)?;

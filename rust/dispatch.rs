@@ -24,7 +24,13 @@ struct State {
 /// Calls whose shape has `fast_plan` as plan are partitioned, passed to `jitted` as
 /// `(key, [leading,] dynamic)` and their output rebuilt; everything else goes to
 /// `fallback(args, kwargs)`.
-#[pyclass(frozen, dict, weakref, module = "filterjax._native", name = "Dispatcher")]
+#[pyclass(
+    frozen,
+    dict,
+    weakref,
+    module = "filterjax._native",
+    name = "Dispatcher"
+)]
 pub struct Dispatcher {
     state: Mutex<State>,
     fast_plan: Py<PyAny>,
@@ -38,9 +44,11 @@ fn lock_error() -> PyErr {
     PyRuntimeError::new_err("filterjax: Dispatcher state lock poisoned")
 }
 
+type Snapshot = (Py<PyAny>, Py<PyAny>, Option<Py<PyAny>>, bool);
+
 impl Dispatcher {
     /// A snapshot of the swappable state, taken without running Python under the lock.
-    fn snapshot(&self, py: Python<'_>) -> PyResult<(Py<PyAny>, Py<PyAny>, Option<Py<PyAny>>, bool)> {
+    fn snapshot(&self, py: Python<'_>) -> PyResult<Snapshot> {
         let state = self.state.lock().map_err(|_| lock_error())?;
         Ok((
             state.jitted.clone_ref(py),
@@ -58,6 +66,7 @@ fn not_none(obj: Option<Py<PyAny>>, py: Python<'_>) -> Option<Py<PyAny>> {
 #[pymethods]
 impl Dispatcher {
     #[new]
+    #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (jitted, plans, fast_plan, fallback, output_spec, leading=None, fast=Truthy(true)))]
     fn new(
         py: Python<'_>,
@@ -132,8 +141,11 @@ impl Dispatcher {
             args.len().into_pyobject(py)?.into_any()
         } else {
             let names = PyTuple::new(py, kwargs.keys())?;
-            PyTuple::new(py, [args.len().into_pyobject(py)?.into_any(), names.into_any()])?
-                .into_any()
+            PyTuple::new(
+                py,
+                [args.len().into_pyobject(py)?.into_any(), names.into_any()],
+            )?
+            .into_any()
         };
         let plans = plans.bind(py);
         let plan = match plans.cast_exact::<PyDict>() {

@@ -3,8 +3,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use pyo3::prelude::*;
 use pyo3::exceptions::PyKeyError;
+use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyIterator, PyList, PyTuple, PyType};
 use pyo3::{ffi, PyTypeInfo};
 
@@ -83,7 +83,9 @@ impl<'py> Open<'py> {
                     None => return Err(PyKeyError::new_err(key.unbind())),
                 }
             }
-            Children::MappingValues(mapping, keys) => mapping.get_item(keys.get_item(self.next)?)?,
+            Children::MappingValues(mapping, keys) => {
+                mapping.get_item(keys.get_item(self.next)?)?
+            }
         };
         self.next += 1;
         Ok(Some(child))

@@ -20,14 +20,32 @@ pub enum Node {
     Tuple(usize),
     List(usize),
     /// A `dict`: its keys, sorted.
-    Dict { keys: Py<PyList>, arity: usize },
+    Dict {
+        keys: Py<PyList>,
+        arity: usize,
+    },
     /// An `OrderedDict`: its keys in order (jax's node data).
-    OrderedDict { keys: Py<PyTuple>, arity: usize },
+    OrderedDict {
+        keys: Py<PyTuple>,
+        arity: usize,
+    },
     /// A `defaultdict`: jax's node data is `(default_factory, sorted keys)`.
-    DefaultDict { factory: Py<PyAny>, keys: Py<PyTuple>, arity: usize },
-    NamedTuple { kind: Py<PyType>, arity: usize },
+    DefaultDict {
+        factory: Py<PyAny>,
+        keys: Py<PyTuple>,
+        arity: usize,
+    },
+    NamedTuple {
+        kind: Py<PyType>,
+        arity: usize,
+    },
     /// Any type registered with `jax.tree_util`.
-    Custom { kind: Py<PyType>, aux: Py<PyAny>, from_iter: Py<PyAny>, arity: usize },
+    Custom {
+        kind: Py<PyType>,
+        aux: Py<PyAny>,
+        from_iter: Py<PyAny>,
+        arity: usize,
+    },
 }
 
 impl Node {
@@ -118,8 +136,16 @@ fn node_data_equal(py: Python<'_>, a: &Node, b: &Node) -> PyResult<bool> {
             guarded(same_or_equal(ka.bind(py).as_any(), kb.bind(py).as_any()))
         }
         (
-            Node::DefaultDict { factory: fa, keys: ka, .. },
-            Node::DefaultDict { factory: fb, keys: kb, .. },
+            Node::DefaultDict {
+                factory: fa,
+                keys: ka,
+                ..
+            },
+            Node::DefaultDict {
+                factory: fb,
+                keys: kb,
+                ..
+            },
         ) => guarded((|| {
             Ok(same_or_equal(fa.bind(py), fb.bind(py))?
                 && same_or_equal(ka.bind(py).as_any(), kb.bind(py).as_any())?)
@@ -127,7 +153,14 @@ fn node_data_equal(py: Python<'_>, a: &Node, b: &Node) -> PyResult<bool> {
         (Node::NamedTuple { kind: ta, .. }, Node::NamedTuple { kind: tb, .. }) => {
             guarded(same_or_equal(ta.bind(py).as_any(), tb.bind(py).as_any()))
         }
-        (Node::Custom { kind: ta, aux: xa, .. }, Node::Custom { kind: tb, aux: xb, .. }) => {
+        (
+            Node::Custom {
+                kind: ta, aux: xa, ..
+            },
+            Node::Custom {
+                kind: tb, aux: xb, ..
+            },
+        ) => {
             if !ta.is(tb) {
                 return Ok(false);
             }
@@ -166,7 +199,12 @@ pub struct HashFailure {
 }
 
 impl StaticKey {
-    pub fn new(nodes: Vec<Node>, statics: Py<PyTuple>, mask: Vec<bool>, num_dynamic: usize) -> Self {
+    pub fn new(
+        nodes: Vec<Node>,
+        statics: Py<PyTuple>,
+        mask: Vec<bool>,
+        num_dynamic: usize,
+    ) -> Self {
         StaticKey {
             nodes,
             statics,
@@ -309,7 +347,9 @@ impl StaticKey {
         for node in &self.nodes {
             let arity = node.arity();
             if arity > agenda.len() {
-                return Err(pyo3::exceptions::PyRuntimeError::new_err("corrupt StaticKey"));
+                return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                    "corrupt StaticKey",
+                ));
             }
             let children = PyList::new(py, agenda.drain(agenda.len() - arity..))?;
             agenda.push(make.call1((registry, node.node_data(py)?, children))?);
@@ -374,7 +414,10 @@ impl StaticKey {
             return Ok(py.NotImplemented());
         };
         let equal = slf.get().equal(py, other.get())?;
-        Ok(pyo3::types::PyBool::new(py, equal == eq).to_owned().into_any().unbind())
+        Ok(pyo3::types::PyBool::new(py, equal == eq)
+            .to_owned()
+            .into_any()
+            .unbind())
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {

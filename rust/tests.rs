@@ -134,7 +134,10 @@ fn unhashable_static_reports_its_path() {
         // hashed=False defers the error to the first hash.
         let tree = eval(py, ns, "[{2}]");
         let (_, key) = flatten::partition(py, &tree, None, None, false).unwrap();
-        assert!(key.hash().unwrap_err().is_instance_of::<pyo3::exceptions::PyTypeError>(py));
+        assert!(key
+            .hash()
+            .unwrap_err()
+            .is_instance_of::<pyo3::exceptions::PyTypeError>(py));
     });
 }
 
@@ -180,7 +183,11 @@ fn deep_trees_do_not_overflow() {
         );
         // The walk keeps its stack on the heap: with the limit raised, very deep trees work
         // even on a test thread's small stack, and rebuild inverts them.
-        run(py, ns, "old = sys.getrecursionlimit(); sys.setrecursionlimit(1_000_000)");
+        run(
+            py,
+            ns,
+            "old = sys.getrecursionlimit(); sys.setrecursionlimit(1_000_000)",
+        );
         let deep = eval(py, ns, "nest(200_000)");
         let result = part(py, &deep);
         run(py, ns, "sys.setrecursionlimit(old)");

@@ -123,3 +123,14 @@ def test_batch_size_mismatch_names_leaves():
         f(jnp.ones(N), {"w": jnp.ones(N - 1)})
     with pytest.raises(RuntimeError, match="keyword"):
         f(jnp.ones(N), b=1)
+
+
+def test_programs_kept_per_static_signature_are_bounded(monkeypatch):
+    from filterjax import _vmap_pmap
+
+    monkeypatch.setattr(_vmap_pmap, "_MAX_PMAPS", 3)
+    f = fj.filter_pmap(lambda x, k: x * k)
+    x = jnp.ones((jax.local_device_count(), 2))
+    for k in range(6):
+        np.testing.assert_allclose(f(x, k), k * np.ones((jax.local_device_count(), 2)))
+    assert len(f._pmapped) == 3

@@ -6,7 +6,7 @@ Same functions, same results and same errors as the pure-Python core; only faste
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal, final
 
-__all__ = ["BACKEND", "StaticKey", "is_array", "partition", "rebuild"]
+__all__ = ["BACKEND", "Dispatcher", "StaticKey", "is_array", "partition", "rebuild"]
 
 BACKEND: Final[Literal["native"]]
 """Name of this core implementation, as reported by `filterjax._backend.backend()`."""
@@ -112,3 +112,32 @@ def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | Non
 
     `TypeError` if `key` is not a `StaticKey`; `ValueError` if a leaf count is wrong.
     """
+
+class Dispatcher:
+    """The per-call path of a `filter_jit` function (twin of `_pycore.Dispatcher`).
+
+    Calls whose shape (`len(args)`, or `(len(args), tuple(kwargs))` with keywords) maps to
+    `fast_plan` in `plans` are partitioned as `(args, kwargs)`, passed to `jitted` as
+    `(key, [leading,] dynamic)`, and an output `{spec: leaves}` with `type(spec) is
+    output_spec` is rebuilt as `rebuild(spec.key, leaves)`. Everything else, and any call
+    whose partition raises, goes to `fallback(args, kwargs)`. Binds as a method like a
+    function; instances accept attributes (`__name__`, `__wrapped__`, ...) and weakrefs.
+    """
+
+    def __init__(
+        self,
+        jitted: Callable[..., Any],
+        plans: Any,
+        fast_plan: Any,
+        fallback: Callable[[tuple[Any, ...], dict[str, Any]], Any],
+        output_spec: type,
+        leading: Any = None,
+        fast: bool = True,
+    ) -> None: ...
+    def reset(
+        self, jitted: Callable[..., Any], plans: Any, leading: Any = None, fast: bool = True
+    ) -> None:
+        """Swap in a new jitted function and plan table (after the caches were cleared)."""
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any: ...
+    def __get__(self, instance: Any, owner: type | None = None) -> Any: ...

@@ -514,6 +514,10 @@ def _normalise_out_axis(axis: int, leaf: Any) -> int:
     return axis % rank
 
 
+# Distinct static signatures one filter_pmap function keeps compiled programs for.
+_MAX_PMAPS = 256
+
+
 class _PmapWrapper:
     """The callable `filter_pmap` returns. See `filter_pmap`."""
 
@@ -578,6 +582,9 @@ class _PmapWrapper:
             donate_argnums=donate_argnums,
             **self._pmapkwargs,
         )
+        if len(self._pmapped) >= _MAX_PMAPS:
+            # Bounded like JAX's own jit caches: forget the oldest static signature.
+            del self._pmapped[next(iter(self._pmapped))]
         self._pmapped[cache_key] = pmapped
         return pmapped
 
