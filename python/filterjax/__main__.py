@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  filterjax.filter_jit             : {ours:8.2f} us")
     print(f"  ratio filter_jit / jax.jit       : {ours / base:8.2f}")
 
-    tree = {f"w{i:03d}": jnp.ones(4) for i in range(100)}
+    tree: dict[str, object] = {f"w{i:03d}": jnp.ones(4) for i in range(100)}
     tree.update({f"s{i:03d}": f"static-{i}" for i in range(20)})
     core = _interleaved(
         {

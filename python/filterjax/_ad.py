@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
@@ -244,7 +244,36 @@ def _check_gradkwargs(gradkwargs: dict) -> None:
         )
 
 
-def filter_value_and_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs) -> Callable:
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_A = TypeVar("_A")
+
+
+@overload
+def filter_value_and_grad(
+    *, has_aux: Literal[False] = False, **gradkwargs: Any
+) -> Callable[[Callable[_P, _T]], Callable[_P, tuple[_T, Any]]]: ...
+
+
+@overload
+def filter_value_and_grad(
+    *, has_aux: Literal[True], **gradkwargs: Any
+) -> Callable[[Callable[_P, tuple[_T, _A]]], Callable[_P, tuple[tuple[_T, _A], Any]]]: ...
+
+
+@overload
+def filter_value_and_grad(
+    fun: Callable[_P, _T], *, has_aux: Literal[False] = False, **gradkwargs: Any
+) -> Callable[_P, tuple[_T, Any]]: ...
+
+
+@overload
+def filter_value_and_grad(
+    fun: Callable[_P, tuple[_T, _A]], *, has_aux: Literal[True], **gradkwargs: Any
+) -> Callable[_P, tuple[tuple[_T, _A], Any]]: ...
+
+
+def filter_value_and_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs: Any) -> Any:
     """Creates a function that evaluates both `fun` and the gradient of `fun`.
 
     The gradient is taken with respect to every floating-point (or complex) JAX/NumPy
@@ -285,7 +314,31 @@ def filter_value_and_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs)
     return _ValueAndGradWrapper(fun, has_aux, gradkwargs)
 
 
-def filter_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs) -> Callable:
+@overload
+def filter_grad(
+    *, has_aux: Literal[False] = False, **gradkwargs: Any
+) -> Callable[[Callable[_P, Any]], Callable[_P, Any]]: ...
+
+
+@overload
+def filter_grad(
+    *, has_aux: Literal[True], **gradkwargs: Any
+) -> Callable[[Callable[_P, tuple[Any, _A]]], Callable[_P, tuple[Any, _A]]]: ...
+
+
+@overload
+def filter_grad(
+    fun: Callable[_P, Any], *, has_aux: Literal[False] = False, **gradkwargs: Any
+) -> Callable[_P, Any]: ...
+
+
+@overload
+def filter_grad(
+    fun: Callable[_P, tuple[Any, _A]], *, has_aux: Literal[True], **gradkwargs: Any
+) -> Callable[_P, tuple[Any, _A]]: ...
+
+
+def filter_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs: Any) -> Any:
     """Creates a function that computes the gradient of `fun`.
 
     The gradient is taken with respect to every floating-point (or complex) JAX/NumPy
@@ -380,6 +433,7 @@ def filter_jvp(fn: Callable, primals: Sequence, tangents: Sequence, **kwargs) ->
     ```
     """
     primals = tuple(primals)
+    tangent_def: Any  # jaxlib ships no stub for PyTreeDef
     tangent_leaves, tangent_def = jtu.tree_flatten(tuple(tangents), is_leaf=_is_none)
     try:
         primal_parts = tangent_def.flatten_up_to(primals)
@@ -933,9 +987,9 @@ class filter_custom_vjp:
     def __init__(self, fn: Callable):
         self.fn = fn
         _copy_metadata(self, fn)
-        self.fn_fwd: Callable | None = None
-        self.fn_bwd: Callable | None = None
-        self._custom = None
+        self.fn_fwd: Any = None  # set by def_fwd
+        self.fn_bwd: Any = None  # set by def_bwd
+        self._custom: Any = None
         name = getattr(fn, "__name__", "fn")
         self._name = name
         self._args_message = (
@@ -1068,7 +1122,7 @@ def _gradients_for_vjp_arg(grads: Any, vjp_key, diff_mask: tuple, name: str) -> 
         vjp_key, list(range(vjp_key.num_dynamic)), [_NOT_AN_ARRAY] * vjp_key.num_static
     )
     diff_grads = [None] * sum(diff_mask)
-    diff_position = {}
+    diff_position: dict[int, int] = {}
     for slot, is_diff in enumerate(diff_mask):
         if is_diff:
             diff_position[slot] = len(diff_position)
@@ -1161,12 +1215,27 @@ jtu.register_pytree_node(
 )
 
 
+@overload
 def filter_checkpoint(
-    fun: Callable = _sentinel,
+    *, prevent_cse: bool = True, policy: Callable[..., bool] | None = None
+) -> Callable[[Callable[_P, _T]], Callable[_P, _T]]: ...
+
+
+@overload
+def filter_checkpoint(
+    fun: Callable[_P, _T],
     *,
     prevent_cse: bool = True,
     policy: Callable[..., bool] | None = None,
-) -> Callable:
+) -> Callable[_P, _T]: ...
+
+
+def filter_checkpoint(
+    fun: Any = _sentinel,
+    *,
+    prevent_cse: bool = True,
+    policy: Callable[..., bool] | None = None,
+) -> Any:
     """Filtered version of `jax.checkpoint` (gradient checkpointing, a.k.a. remat).
 
     Intermediate values of `fun` are recomputed on the backward pass instead of being

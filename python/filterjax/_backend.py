@@ -7,7 +7,9 @@ this module's globals (`_backend.partition(...)`), so tests can switch backend a
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 __all__ = [
     "backend",
@@ -51,12 +53,13 @@ def _choose() -> ModuleType:
         return _load("python")
 
 
+# Set by `_install` at import; typed here for readers and type checkers.
 _core: ModuleType
-partition = None
-rebuild = None
-is_array_fast = None
-StaticKey = None
-Dispatcher = None
+partition: Callable[..., tuple[list[Any], Any]]
+rebuild: Callable[..., Any]
+is_array_fast: Callable[[Any], bool]
+StaticKey: type
+Dispatcher: type
 
 
 def set_backend(name: str) -> None:

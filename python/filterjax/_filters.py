@@ -150,6 +150,7 @@ def _mask_tree(filter_spec: Any, pytree: Any, is_leaf) -> Any:
 
 def _leaf_masks(pytree: Any, filter_spec: Any, is_leaf) -> tuple[list, list[bool], Any]:
     """Flatten `pytree` and return (leaves, one bool per leaf, treedef)."""
+    treedef: Any  # jaxlib ships no stub for PyTreeDef
     leaves, treedef = jtu.tree_flatten(pytree, is_leaf=is_leaf)
     if isinstance(filter_spec, bool):
         masks = [filter_spec] * len(leaves)

@@ -16,7 +16,16 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
+from typing import (
+    Any,
+    Concatenate,
+    Generic,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    overload,
+)
 
 import jax
 import jax.tree_util as jtu
@@ -27,6 +36,7 @@ from ._errors import UnhashableStaticError, rename_root, unhashable_message
 __all__ = ["filter_jit"]
 
 _P = ParamSpec("_P")
+_Q = ParamSpec("_Q")
 _T = TypeVar("_T")
 
 _Donate = Literal["all", "all-except-first", "warn", "warn-except-first", "none"]
@@ -184,48 +194,60 @@ def _rebuild_output(out: Any) -> Any:
     return out
 
 
-def _make_traced(fun_key, fun_is_static: bool, name: str, split_first: bool):
+def _make_traced(fun_key, fun_is_static: bool, name: str, split_first: bool) -> Callable:
     """The function handed to `jax.jit`. Static argument 0 is the call's StaticKey.
 
     When `fun` holds no arrays it is rebuilt once, here, and the traced function takes no
     `fun_dynamic` argument.
     """
-    fun = _backend.rebuild(fun_key, []) if fun_is_static else None
+
+    def traced_split_first(key, fun_dynamic, first_dynamic, rest_dynamic):
+        first_key, rest_key = key
+        call = _backend.rebuild(fun_key, fun_dynamic)
+        (first,) = _backend.rebuild(first_key, first_dynamic)
+        rest_args, kwargs = _backend.rebuild(rest_key, rest_dynamic)
+        return _run_and_split_output(call, (first, *rest_args), kwargs)
+
+    def traced_static_fun(key, dynamic):
+        args, kwargs = _backend.rebuild(key, dynamic)
+        return _run_and_split_output(static_fun, args, kwargs)
+
+    def traced(key, fun_dynamic, dynamic):
+        call = _backend.rebuild(fun_key, fun_dynamic)
+        args, kwargs = _backend.rebuild(key, dynamic)
+        return _run_and_split_output(call, args, kwargs)
+
     if split_first:
-
-        def traced(key, fun_dynamic, first_dynamic, rest_dynamic):
-            first_key, rest_key = key
-            call = _backend.rebuild(fun_key, fun_dynamic)
-            (first,) = _backend.rebuild(first_key, first_dynamic)
-            rest_args, kwargs = _backend.rebuild(rest_key, rest_dynamic)
-            return _run_and_split_output(call, (first, *rest_args), kwargs)
-
+        chosen: Callable = traced_split_first
     elif fun_is_static:
-
-        def traced(key, dynamic):
-            args, kwargs = _backend.rebuild(key, dynamic)
-            return _run_and_split_output(fun, args, kwargs)
-
+        static_fun = _backend.rebuild(fun_key, [])
+        chosen = traced_static_fun
     else:
-
-        def traced(key, fun_dynamic, dynamic):
-            call = _backend.rebuild(fun_key, fun_dynamic)
-            args, kwargs = _backend.rebuild(key, dynamic)
-            return _run_and_split_output(call, args, kwargs)
-
-    traced.__name__ = traced.__qualname__ = name
-    return traced
+        chosen = traced
+    chosen.__name__ = chosen.__qualname__ = name
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------
 
 
 class JitFunction(Protocol[_P, _T]):
-    """What `filter_jit` returns: called like the wrapped function, with `.lower(...)`."""
+    """What `filter_jit` returns: called like the wrapped function, with `.lower(...)`.
+
+    Defined on a class, it binds like a method (`instance.f(x)` calls `f(instance, x)`).
+    """
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _T: ...
 
     def lower(self, *args: _P.args, **kwargs: _P.kwargs) -> Lowered[_T]: ...
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> JitFunction[_P, _T]: ...
+
+    @overload
+    def __get__(
+        self: JitFunction[Concatenate[Any, _Q], _T], instance: object, owner: type | None = None
+    ) -> Callable[_Q, _T]: ...
 
 
 class _JitState:
@@ -262,7 +284,7 @@ class _JitState:
             donate_argnums = (1,)
         else:
             donate_argnums = (1, 2)
-        self.jitted = jax.jit(
+        self.jitted: Any = jax.jit(
             _make_traced(fun_key, fun_is_static, self.name, self.split_first),
             static_argnums=0,
             donate_argnums=donate_argnums,

@@ -20,8 +20,8 @@ import inspect
 import re
 import types
 import warnings
-from collections.abc import Callable, Hashable
-from typing import Any, Literal
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +87,7 @@ def _leaf_axes(spec: Any, tree: Any, leaves: list, what: str) -> list:
     """One resolved axis (int or None) per leaf of `tree`; `leaves` are its leaves."""
     if _is_single_spec(spec):
         return [_resolve_leaf_axis(spec, leaf, what) for leaf in leaves]
+    spec_def: Any  # jaxlib ships no stub for PyTreeDef
     spec_leaves, spec_def = jtu.tree_flatten(spec, is_leaf=_is_none)
     try:
         subtrees = spec_def.flatten_up_to(tree)
@@ -247,7 +248,8 @@ class _VmapWrapper:
         if self._uniform_in and in_axes is self._in_axes:
             axis = self._in_axis
             if axis is None:
-                mapped, key = [], None
+                mapped: list = []
+                key = None
                 all_leaves = None
             else:
                 mapped, key = _backend.partition(args, None, None, False)
@@ -336,7 +338,9 @@ class _VmapWrapper:
         """Nothing is mapped and no axis_size: there is no batch to vectorise over."""
         out = self._fun(*args)
         if self._uniform_out:
-            mapped = self._out_axis is not None and _backend.partition(out, None, None, False)[0]
+            mapped = self._out_axis is not None and bool(
+                _backend.partition(out, None, None, False)[0]
+            )
         else:
             leaves, _ = _backend.partition(out, _always, None, False)
             mapped = any(a is not None for a in _leaf_axes(self._out_axes, out, leaves, "out_axes"))
@@ -387,6 +391,33 @@ class _VmapWrapper:
 
     def __repr__(self) -> str:
         return f"<filter_vmap({self._name})>"
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+@overload
+def filter_vmap(
+    *,
+    in_axes: Any = ...,
+    out_axes: Any = ...,
+    axis_name: Hashable = None,
+    axis_size: int | None = None,
+    **kwargs: Any,
+) -> Callable[[Callable[_P, _T]], Callable[_P, _T]]: ...
+
+
+@overload
+def filter_vmap(
+    fun: Callable[_P, _T],
+    *,
+    in_axes: Any = ...,
+    out_axes: Any = ...,
+    axis_name: Hashable = None,
+    axis_size: int | None = None,
+    **kwargs: Any,
+) -> Callable[_P, _T]: ...
 
 
 def filter_vmap(
@@ -588,7 +619,7 @@ class _PmapWrapper:
         self._pmapped[cache_key] = pmapped
         return pmapped
 
-    def _call_args(self, args: tuple) -> tuple[Any, tuple | None, list]:
+    def _call_args(self, args: tuple) -> tuple[Any, tuple | None, Sequence]:
         """(StaticKey, per-leaf axes or None if uniform, dynamic leaves) for a call."""
         in_axes = self._in_axes
         if type(in_axes) is dict:
@@ -671,7 +702,7 @@ def _group_output(out: Any, out_axes: Any, groups: int) -> tuple:
     axes = _leaf_axes(out_axes, out, leaves, "out_axes")
     by_axis: list[list] = [[] for _ in range(groups)]
     unmapped: list = []
-    placement = []
+    placement: list[tuple[int | None, Any]] = []
     for leaf, axis in zip(leaves, axes, strict=True):
         if axis is not None:
             axis = _normalise_out_axis(axis, leaf)
@@ -699,6 +730,31 @@ def _ungroup_output(out: tuple) -> Any:
 
 
 _RESERVED_PMAP_KWARGS = frozenset({"static_broadcasted_argnums", "donate_argnums"})
+
+
+@overload
+def filter_pmap(
+    *,
+    in_axes: Any = ...,
+    out_axes: Any = ...,
+    axis_name: Hashable = None,
+    axis_size: int | None = None,
+    donate: Literal["all", "warn", "none"] = "none",
+    **kwargs: Any,
+) -> Callable[[Callable[_P, _T]], Callable[_P, _T]]: ...
+
+
+@overload
+def filter_pmap(
+    fun: Callable[_P, _T],
+    *,
+    in_axes: Any = ...,
+    out_axes: Any = ...,
+    axis_name: Hashable = None,
+    axis_size: int | None = None,
+    donate: Literal["all", "warn", "none"] = "none",
+    **kwargs: Any,
+) -> Callable[_P, _T]: ...
 
 
 def filter_pmap(

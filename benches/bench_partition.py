@@ -1,0 +1,228 @@
+"""Per-call cost of the core: partition-with-key and rebuild, against `jax.tree_util` and Equinox.
+
+Two modes:
+
+- `pytest benches/bench_partition.py` (pytest-benchmark), one group per tree and size.
+- `python benches/bench_partition.py` measures everything side by side in one process
+  (interleaved repeats, median per call), prints a markdown table and writes it to
+  `benches/results/partition.md`.
+
+Trees, for 10, 100 and 1000 leaves: a flat dict of small arrays with ~19% string/int statics,
+and an `equinox.nn.MLP` whose depth is chosen to give that many leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import timeit
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from filterjax import _pycore
+
+try:
+    from filterjax import _native
+except ImportError:
+    _native = None
+
+SIZES = (10, 100, 1000)
+TREE_KINDS = ("dict", "mlp")
+
+
+def dict_tree(num_leaves: int) -> dict:
+    """Arrays, with a string at every 8th key and an int at every 16th (~19% statics)."""
+    tree = {}
+    for i in range(num_leaves):
+        if i % 8 == 3:
+            tree[f"p{i:04d}"] = f"act{i}"
+        elif i % 16 == 7:
+            tree[f"p{i:04d}"] = i
+        else:
+            tree[f"p{i:04d}"] = jnp.full((4,), float(i))
+    return tree
+
+
+def mlp_tree(num_leaves: int) -> eqx.nn.MLP:
+    """An MLP with `num_leaves` leaves: a weight and a bias per layer plus two activations."""
+    depth = max(num_leaves // 2 - 2, 0)
+    return eqx.nn.MLP(2, 2, width_size=4, depth=depth, key=jax.random.PRNGKey(0))
+
+
+def make_tree(kind: str, num_leaves: int):
+    return dict_tree(num_leaves) if kind == "dict" else mlp_tree(num_leaves)
+
+
+def operations(tree) -> dict[str, Callable[[], object]]:
+    """Name -> zero-argument callable doing one call of that operation on `tree`."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    py_dynamic, py_key = _pycore.partition(tree)
+    eqx_dynamic, eqx_static = eqx.partition(tree, eqx.is_array)
+    ops = {
+        "tree_flatten": lambda: jtu.tree_flatten(tree),
+        "unflatten": lambda: treedef.unflatten(leaves),
+    }
+    if _native is not None:
+        nat_dynamic, nat_key = _native.partition(tree)
+        ops["native partition"] = lambda: _native.partition(tree)
+        ops["native rebuild"] = lambda: _native.rebuild(nat_key, nat_dynamic)
+    ops["python partition"] = lambda: _pycore.partition(tree)
+    ops["python rebuild"] = lambda: _pycore.rebuild(py_key, py_dynamic)
+    ops["eqx.partition"] = lambda: eqx.partition(tree, eqx.is_array)
+    ops["eqx.combine"] = lambda: eqx.combine(eqx_dynamic, eqx_static)
+    return ops
+
+
+# --------------------------------------------------------------------------------------------
+# pytest-benchmark mode
+# --------------------------------------------------------------------------------------------
+
+try:
+    import pytest
+except ImportError:  # script mode does not need pytest
+    pytest = None
+
+if pytest is not None:
+    _OPS = (
+        "tree_flatten",
+        "unflatten",
+        "native partition",
+        "native rebuild",
+        "python partition",
+        "python rebuild",
+        "eqx.partition",
+        "eqx.combine",
+    )
+    _TREES: dict[tuple[str, int], object] = {}
+
+    def _cached_tree(kind: str, size: int):
+        if (kind, size) not in _TREES:
+            _TREES[kind, size] = make_tree(kind, size)
+        return _TREES[kind, size]
+
+    @pytest.mark.parametrize("op", _OPS)
+    @pytest.mark.parametrize("size", SIZES)
+    @pytest.mark.parametrize("kind", TREE_KINDS)
+    def test_partition(benchmark, kind, size, op):
+        if op.startswith("native") and _native is None:
+            pytest.skip("filterjax._native is not built")
+        tree = _cached_tree(kind, size)
+        assert len(jtu.tree_leaves(tree)) == size
+        benchmark.group = f"{kind}-{size}"
+        benchmark(operations(tree)[op])
+
+
+# --------------------------------------------------------------------------------------------
+# Script mode
+# --------------------------------------------------------------------------------------------
+
+
+def _calls_per_sample(fn: Callable[[], object], target_seconds: float) -> int:
+    number = 1
+    while True:
+        elapsed = timeit.timeit(fn, number=number)
+        if elapsed >= target_seconds or number >= 1_000_000:
+            return number
+        number *= 2 if elapsed > target_seconds / 10 else 10
+
+
+def measure(ops: dict[str, Callable[[], object]], repeats: int, target: float) -> dict:
+    """Median seconds per call of each op; the ops are interleaved within every repeat so that
+    machine noise hits them alike."""
+    numbers = {name: _calls_per_sample(fn, target) for name, fn in ops.items()}
+    samples: dict[str, list[float]] = {name: [] for name in ops}
+    for _ in range(repeats):
+        for name, fn in ops.items():
+            samples[name].append(timeit.timeit(fn, number=numbers[name]) / numbers[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _fmt(seconds: float) -> str:
+    micros = seconds * 1e6
+    return f"{micros:.2f}" if micros < 10 else f"{micros:.1f}" if micros < 100 else f"{micros:.0f}"
+
+
+def build_table(results: dict) -> str:
+    names = list(next(iter(results.values())).keys())
+    header = ["tree", "leaves", *[f"{n} (µs)" for n in names]]
+    if "native partition" in names:
+        header += [
+            "native partition / tree_flatten (≤1.5)",
+            "eqx.partition / native partition (≥5)",
+        ]
+    header += ["python partition / tree_flatten", "eqx.partition / python partition"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (kind, size), times in results.items():
+        row = [kind, str(size), *[_fmt(times[n]) for n in names]]
+        if "native partition" in names:
+            row.append(f"{times['native partition'] / times['tree_flatten']:.2f}")
+            row.append(f"{times['eqx.partition'] / times['native partition']:.1f}")
+        row.append(f"{times['python partition'] / times['tree_flatten']:.2f}")
+        row.append(f"{times['eqx.partition'] / times['python partition']:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=41, help="interleaved samples per op")
+    parser.add_argument("--target", type=float, default=0.01, help="seconds per sample")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "partition.md"),
+    )
+    args = parser.parse_args(argv)
+
+    results = {}
+    for kind in TREE_KINDS:
+        for size in SIZES:
+            tree = make_tree(kind, size)
+            assert len(jtu.tree_leaves(tree)) == size
+            results[kind, size] = measure(operations(tree), args.repeats, args.target)
+            print(f"measured {kind}-{size}", file=sys.stderr, flush=True)
+
+    table = build_table(results)
+    command = (
+        f"PYTHONPATH=python python benches/bench_partition.py --repeats {args.repeats} "
+        f"--target {args.target}"
+    )
+    native_note = (
+        "" if _native is not None else " **native module not built: native columns absent.**"
+    )
+    report = "\n".join(
+        [
+            "# Partition / rebuild per-call cost",
+            "",
+            "Median per-call time over interleaved repeats, all operations measured side by side "
+            "in one process. `native partition` / `python partition` are "
+            "`_native.partition(tree)` / `_pycore.partition(tree)` (array predicate, hashed "
+            "key); rebuild is `rebuild(key, dynamic)`. Equinox: `eqx.partition(tree, "
+            f"eqx.is_array)` and `eqx.combine(dynamic, static)`.{native_note}",
+            "",
+            f"Reproduce: `{command}`",
+            "",
+            f"Machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"jax {jax.__version__}, equinox {eqx.__version__}, "
+            f"{time.strftime('%Y-%m-%d %H:%M')} (shared, noisy machine: compare ratios, not "
+            "absolute times).",
+            "",
+            table,
+            "",
+        ]
+    )
+    print(report)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(report)
+
+
+if __name__ == "__main__":
+    main()
