@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use pyo3::exceptions::{PyException, PyRuntimeError};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple};
@@ -163,9 +163,16 @@ impl Dispatcher {
             Err(err) => return Err(err),
         };
         let jitted = jitted.bind(py);
-        let out = match leading {
-            None => jitted.call1((key, dynamic))?,
-            Some(leading) => jitted.call1((key, leading, dynamic))?,
+        let called = match leading {
+            None => jitted.call1((key, dynamic)),
+            Some(leading) => jitted.call1((key, leading, dynamic)),
+        };
+        let out = match called {
+            Ok(out) => out,
+            // Nothing ran: JAX's cache lookup failed on a static leaf's `__eq__`. The
+            // fallback repeats the call and says which leaf it was.
+            Err(err) if is_static_comparison_error(py, &err) => return fallback(args, kwargs),
+            Err(err) => return Err(err),
         };
         if let Ok(dict) = out.cast_exact::<PyDict>() {
             if dict.len() == 1 {
@@ -225,3 +232,15 @@ impl Dispatcher {
         Ok(())
     }
 }
+
+/// JAX's dispatch error for a static argument whose `__eq__` raised (the same prefix as
+/// `filterjax._pycore.JAX_STATIC_EQ_ERROR`).
+fn is_static_comparison_error(py: Python<'_>, err: &PyErr) -> bool {
+    err.is_instance_of::<PyValueError>(py)
+        && err
+            .value(py)
+            .str()
+            .is_ok_and(|message| message.to_string_lossy().starts_with(JAX_STATIC_EQ_ERROR))
+}
+
+const JAX_STATIC_EQ_ERROR: &str = "static arguments should be comparable";

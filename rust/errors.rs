@@ -116,3 +116,28 @@ pub fn unhashable_static(
         Err(err) => err,
     }
 }
+
+/// Say which static leaf's `__eq__` raised, keeping the user's exception as it is.
+pub fn static_equality(py: Python<'_>, err: &PyErr, static_index: usize, leaf: &Bound<'_, PyAny>) {
+    let kind = leaf
+        .get_type()
+        .fully_qualified_name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".to_owned());
+    let note = format!(
+        "{}{static_index}{}{kind}{}",
+        STATIC_EQ_NOTE.0, STATIC_EQ_NOTE.1, STATIC_EQ_NOTE.2
+    );
+    // Notes are a courtesy: failing to add one must not replace the user's exception.
+    let _ = err
+        .value(py)
+        .call_method1(pyo3::intern!(py, "add_note"), (note,));
+}
+
+/// The note's wording, shared with `_pycore` (`filterjax._errors.static_equality_note`).
+const STATIC_EQ_NOTE: (&str, &str, &str) = (
+    "filterjax: raised while comparing static leaf #",
+    " (of type ",
+    ") of two calls' arguments; static leaves need an __eq__ that returns a bool for any \
+     other value of their type",
+);

@@ -330,8 +330,12 @@ impl StaticKey {
         if !self.structure_equal(py, other)? {
             return Ok(false);
         }
-        for (x, y) in sa.iter().zip(sb.iter()) {
-            if !same_or_equal(&x, &y)? {
+        for (index, (x, y)) in sa.iter().zip(sb.iter()).enumerate() {
+            let equal = same_or_equal(&x, &y).map_err(|err| {
+                errors::static_equality(py, &err, index, &x);
+                err
+            });
+            if !equal? {
                 return Ok(false);
             }
         }

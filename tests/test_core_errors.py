@@ -541,3 +541,11 @@ def test_python_core_survives_a_multi_key_dict_cycle_in_a_child():
     _run_child(["dict_cycle_multi_key"], "python").assert_raised(
         "dict_cycle_multi_key", PyTreeCycleError
     )
+
+
+def test_key_comparison_error_carries_a_note_naming_the_static_leaf():
+    _, first = _backend.partition([1, EqRaises()])
+    _, second = _backend.partition([1, EqRaises()])
+    with pytest.raises(LookupError) as info:
+        first == second  # noqa: B015
+    assert any("static leaf #1" in note and "EqRaises" in note for note in info.value.__notes__)

@@ -85,3 +85,18 @@ def unhashable_message(where: str, kind: type, cause: BaseException | None) -> s
 
 def node_path(path: list) -> str:
     return format_path(tuple(path))
+
+
+def static_equality_note(static_index: int, leaf: Any) -> str:
+    """The note added to an exception raised by a static leaf's `__eq__` (both backends)."""
+    kind = type(leaf)
+    # As pyo3's `fully_qualified_name`, which the native core uses for the same note.
+    if kind.__module__ in ("builtins", "__main__"):
+        name = kind.__qualname__
+    else:
+        name = f"{kind.__module__}.{kind.__qualname__}"
+    return (
+        f"filterjax: raised while comparing static leaf #{static_index} (of type {name}) of two "
+        "calls' arguments; static leaves need an __eq__ that returns a bool for any other "
+        "value of their type"
+    )

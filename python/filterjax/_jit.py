@@ -354,12 +354,17 @@ class _JitState:
     def call_slow(self, args: tuple, kwargs: dict) -> Any:
         """A call off the Dispatcher's fast path: first of its shape, donation modes, errors."""
         jit_args = self.jit_arguments(args, kwargs)
-        if self.silence_unused_donation:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
+        try:
+            if self.silence_unused_donation:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
+                    out = self.jitted(*jit_args)
+            else:
                 out = self.jitted(*jit_args)
-        else:
-            out = self.jitted(*jit_args)
+        except ValueError as err:
+            if str(err).startswith(JAX_STATIC_EQ_ERROR):
+                raise _static_comparison_error(args, kwargs, err) from err
+            raise
         return _rebuild_output(out)
 
     def lower(self, /, *args: Any, **kwargs: Any) -> Lowered:
@@ -372,6 +377,32 @@ class _JitState:
         """
         jit_args = self.jit_arguments(args, kwargs)
         return Lowered(self, self.jitted.lower(*jit_args), jit_args[0])
+
+
+# How JAX's dispatch reports a static argument whose `__eq__` raised. The Dispatchers send
+# such calls down `call_slow`, which says which leaf it was.
+JAX_STATIC_EQ_ERROR = "static arguments should be comparable"
+
+
+def _static_comparison_error(args: tuple, kwargs: dict, err: ValueError) -> TypeError:
+    """Name the static leaf (path and type) whose `__eq__` broke JAX's cache lookup."""
+    paths_and_leaves, _ = jtu.tree_flatten_with_path((args, kwargs))
+    for path, leaf in paths_and_leaves:
+        if _backend.is_array_fast(leaf):
+            continue
+        try:
+            leaf == leaf  # noqa: B015 - the comparison itself is the test
+        except Exception as cause:
+            kind = type(leaf)
+            return TypeError(
+                f"The __eq__ of the static leaf at {rename_root(path, ('args', 'kwargs'))} "
+                f"(type {kind.__module__}.{kind.__qualname__}) raised "
+                f"{type(cause).__name__}: {cause}, so this call could not be matched with "
+                "earlier calls' compiled programs. Non-array leaves are static: give the type "
+                "an __eq__ that returns a bool, or make the leaf dynamic by wrapping it in an "
+                "array."
+            )
+    return TypeError(f"A static argument could not be compared with __eq__: {err}")
 
 
 def _renamed(err: UnhashableStaticError, roots: tuple[str, ...]) -> UnhashableStaticError:

@@ -16,7 +16,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._diagnose import raise_flatten_error
-from ._errors import unhashable_static
+from ._errors import static_equality_note, unhashable_static
 
 __all__ = ["StaticKey", "Dispatcher", "partition", "rebuild", "is_array", "BACKEND"]
 
@@ -90,7 +90,7 @@ class StaticKey:
             self._mask == other._mask
             and self._static_types == other._static_types
             and self._treedef == other._treedef
-            and self._statics == other._statics
+            and _statics_equal(self._statics, other._statics)
         )
 
     def __repr__(self) -> str:
@@ -98,6 +98,22 @@ class StaticKey:
             f"StaticKey({self._treedef}, statics={self._statics!r}, "
             f"num_dynamic={self._num_dynamic})"
         )
+
+
+def _statics_equal(mine: tuple, theirs: tuple) -> bool:
+    try:
+        return mine == theirs
+    except Exception as err:
+        for index, (x, y) in enumerate(zip(mine, theirs, strict=True)):
+            if x is y:
+                continue
+            try:
+                if not x == y:
+                    return False
+            except Exception as leaf_err:
+                leaf_err.add_note(static_equality_note(index, x))
+                raise
+        raise err
 
 
 def _flatten(tree: Any, is_leaf: Callable[[Any], bool] | None):
@@ -190,6 +206,11 @@ def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | Non
     return key._treedef.unflatten(leaves)
 
 
+# The start of JAX's error for a static argument whose `__eq__` raised (see
+# `filterjax._jit._static_comparison_error`).
+JAX_STATIC_EQ_ERROR = "static arguments should be comparable"
+
+
 class Dispatcher:
     """The per-call path of a `filter_jit` function (twin of the native `Dispatcher`).
 
@@ -225,10 +246,16 @@ class Dispatcher:
         except Exception:
             # The fallback partitions again and raises the error with the call's names.
             return self._fallback(args, kwargs)
-        if self._leading is None:
-            out = self._jitted(key, dynamic)
-        else:
-            out = self._jitted(key, self._leading, dynamic)
+        try:
+            if self._leading is None:
+                out = self._jitted(key, dynamic)
+            else:
+                out = self._jitted(key, self._leading, dynamic)
+        except ValueError as err:
+            if str(err).startswith(JAX_STATIC_EQ_ERROR):
+                # Nothing ran: the cache lookup failed. The fallback says which leaf broke it.
+                return self._fallback(args, kwargs)
+            raise
         if type(out) is dict and len(out) == 1:
             ((spec, leaves),) = out.items()
             if type(spec) is self._output_spec:
