@@ -13,18 +13,15 @@
 from __future__ import annotations
 
 import os
-import statistics
-import sys
-import time
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
+from _timing import each_backend, measure
 
 import filterjax as fj
-import filterjax._backend as fj_backend
 
 
 def _loss(model, x, y):
@@ -91,35 +88,6 @@ CASES = {
 }
 
 
-def per_call_us(call: Callable[[], object], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        out = call()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls * 1e6
-
-
-def measure(contenders: dict[str, Callable[[], object]], calls: int, repeats: int) -> dict:
-    """Median per-call µs of each contender, their rounds interleaved to share the noise.
-
-    With `calls == 1` every round is a single (blocking) call of each contender in turn,
-    which suits the slow eager cases on a noisy machine.
-    """
-    for call in contenders.values():
-        jax.block_until_ready(call())  # compile / warm up
-        jax.block_until_ready(call())
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, call in contenders.items():
-            if calls == 1:
-                start = time.perf_counter()
-                jax.block_until_ready(call())
-                samples[name].append((time.perf_counter() - start) * 1e6)
-            else:
-                samples[name].append(per_call_us(call, calls))
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 # --- pytest-benchmark -------------------------------------------------------------------
 
 
@@ -141,12 +109,7 @@ def main() -> None:
     scale = float(os.environ.get("BENCH_CALLS_SCALE", "1"))
     single_call_repeats = int(os.environ.get("BENCH_SINGLE_CALL_REPEATS", "300"))
     rows = []
-    for backend in ("native", "python"):
-        try:
-            fj_backend.set_backend(backend)
-        except ImportError:
-            print(f"(skipping the {backend} backend: not built)", file=sys.stderr)
-            continue
+    for backend in each_backend():
         for case, (make, calls) in CASES.items():
             if calls == 1:
                 times = measure(make(), 1, single_call_repeats)

@@ -10,18 +10,15 @@ once by hand, pass only the arrays to `jax.jit`, close over the static parts.
 from __future__ import annotations
 
 import os
-import statistics
-import sys
-import time
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
+from _timing import each_backend, measure
 
 import filterjax as fj
-import filterjax._backend as fj_backend
 
 
 def _sum_arrays(tree):
@@ -79,27 +76,6 @@ def contenders(fun: Callable, args: tuple) -> dict[str, Callable[[], object]]:
     }
 
 
-def per_call_us(call: Callable[[], object], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        out = call()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls * 1e6
-
-
-def measure(
-    contenders: dict[str, Callable[[], object]], calls: int, repeats: int
-) -> dict[str, float]:
-    """Median per-call µs of each contender, their rounds interleaved to share the noise."""
-    for call in contenders.values():
-        jax.block_until_ready(call())  # compile
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, call in contenders.items():
-            samples[name].append(per_call_us(call, calls))
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 # --- pytest-benchmark -------------------------------------------------------------------
 
 _CASES = cases()
@@ -122,12 +98,7 @@ def main() -> None:
     calls = int(os.environ.get("BENCH_CALLS", "300"))
     repeats = int(os.environ.get("BENCH_REPEATS", "15"))
     rows = []
-    for backend in ("native", "python"):
-        try:
-            fj_backend.set_backend(backend)
-        except ImportError:
-            print(f"(skipping the {backend} backend: not built)", file=sys.stderr)
-            continue
+    for backend in each_backend():
         for case, (fun, args) in cases().items():
             times = measure(contenders(fun, args), calls, repeats)
             rows.append((backend, case, times))

@@ -16,17 +16,14 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 
 import os  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
+from _timing import each_backend, measure  # noqa: E402
 
 import filterjax as fj  # noqa: E402
-import filterjax._backend as fj_backend  # noqa: E402
 
 N = 8
 
@@ -101,25 +98,6 @@ def vmap_contenders(fun: Callable, args: tuple) -> dict[str, Callable[[], object
     }
 
 
-def per_call_us(call: Callable[[], object], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        out = call()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls * 1e6
-
-
-def measure(contenders: dict[str, Callable[[], object]], calls: int, repeats: int) -> dict:
-    """Median per-call µs of each contender, their rounds interleaved to share the noise."""
-    for call in contenders.values():
-        jax.block_until_ready(call())  # compile
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, call in contenders.items():
-            samples[name].append(per_call_us(call, calls))
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 # --- pytest-benchmark -------------------------------------------------------------------
 
 _ALL = {
@@ -145,12 +123,7 @@ def main() -> None:
     calls = int(os.environ.get("BENCH_CALLS", "50"))
     repeats = int(os.environ.get("BENCH_REPEATS", "9"))
     rows = []
-    for backend in ("native", "python"):
-        try:
-            fj_backend.set_backend(backend)
-        except ImportError:
-            print(f"(skipping the {backend} backend: not built)", file=sys.stderr)
-            continue
+    for backend in each_backend():
         for case, ((fun, args), make) in _ALL.items():
             rows.append((backend, case, measure(make(fun, args), calls, repeats)))
     header = (

@@ -13,27 +13,15 @@ from typing import Any
 
 __all__ = ["patch_equinox", "unpatch_equinox", "PATCHABLE_NAMES"]
 
-# Equinox's public filtered transformations that filterjax provides under the same name.
-PATCHABLE_NAMES = (
-    "filter_jit",
-    "filter_grad",
-    "filter_value_and_grad",
-    "filter_jvp",
-    "filter_vjp",
-    "filter_jacfwd",
-    "filter_jacrev",
-    "filter_hessian",
-    "filter_custom_jvp",
-    "filter_custom_vjp",
-    "filter_checkpoint",
-    "filter_closure_convert",
-    "filter_vmap",
-    "filter_pmap",
-    "filter_make_jaxpr",
-    "filter_eval_shape",
-    "filter_shard",
-    "filter_pure_callback",
-)
+
+def _public_names() -> tuple[str, ...]:
+    from . import _LAZY
+
+    return tuple(_LAZY)
+
+# Equinox's public filtered transformations that filterjax provides under the same name:
+# every filter_* name filterjax exports.
+PATCHABLE_NAMES = tuple(name for name in _public_names() if name.startswith("filter_"))
 
 _lock = threading.RLock()
 # name -> Equinox's own object, for every name currently patched. Empty when unpatched.

@@ -1,0 +1,49 @@
+"""The timing harness the benchmark scripts share (script mode; pytest-benchmark has its own).
+
+Per-call times are averaged over a block of calls ending in `block_until_ready`, so
+asynchronous dispatch cannot hide work; contenders run in interleaved rounds so that the
+machine's noise falls on all of them alike; the median of the rounds is reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+
+import filterjax._backend as fj_backend
+
+
+def per_call_us(call: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = call()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def measure(
+    contenders: dict[str, Callable[[], object]], calls: int, repeats: int
+) -> dict[str, float]:
+    """Median per-call µs of each contender, their rounds interleaved to share the noise."""
+    for call in contenders.values():
+        jax.block_until_ready(call())  # compile
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, call in contenders.items():
+            samples[name].append(per_call_us(call, calls))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def each_backend() -> Iterator[str]:
+    """Switch to each core in turn (skipping one that is not built) and name it."""
+    for backend in ("native", "python"):
+        try:
+            fj_backend.set_backend(backend)
+        except ImportError:
+            print(f"(skipping the {backend} backend: not built)", file=sys.stderr)
+            continue
+        yield backend
