@@ -19,6 +19,7 @@ def _public_names() -> tuple[str, ...]:
 
     return tuple(_LAZY)
 
+
 # Equinox's public filtered transformations that filterjax provides under the same name:
 # every filter_* name filterjax exports.
 PATCHABLE_NAMES = tuple(name for name in _public_names() if name.startswith("filter_"))
