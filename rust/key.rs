@@ -331,10 +331,8 @@ impl StaticKey {
             return Ok(false);
         }
         for (index, (x, y)) in sa.iter().zip(sb.iter()).enumerate() {
-            let equal = same_or_equal(&x, &y).map_err(|err| {
-                errors::static_equality(py, &err, index, &x);
-                err
-            });
+            let equal = same_or_equal(&x, &y)
+                .inspect_err(|err| errors::static_equality(py, err, index, &x));
             if !equal? {
                 return Ok(false);
             }
