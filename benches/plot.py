@@ -34,6 +34,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jaxlib
+from _timing import per_call_us
 
 import filterjax as fj
 from filterjax import _backend
@@ -77,14 +78,6 @@ def hand_split(tree: dict) -> Callable[[], object]:
     statics = {k: v for k, v in tree.items() if isinstance(v, str)}
     jitted = jax.jit(lambda arrays: summed({**arrays, **statics}))
     return lambda: jitted(arrays)
-
-
-def per_call_us(call: Callable[[], object], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        out = call()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def calls_for(call: Callable[[], object], block_seconds: float) -> int:
