@@ -34,7 +34,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jaxlib
-from _timing import per_call_us
+from _timing import each_backend, per_call_us
 
 import filterjax as fj
 from filterjax import _backend
@@ -86,22 +86,10 @@ def calls_for(call: Callable[[], object], block_seconds: float) -> int:
     return max(5, min(2000, int(block_seconds / max(estimate, 1e-7))))
 
 
-def available_backends() -> list[str]:
-    backends = []
-    for name in ("native", "python"):
-        try:
-            _backend.set_backend(name)
-        except ImportError:
-            print(f"(the {name} backend is not available: not plotted)", file=sys.stderr)
-            continue
-        backends.append(name)
-    return backends
-
-
 def measure(rounds: int, block_seconds: float) -> dict[str, dict[int, list[float]]]:
     """samples[contender][num_leaves] = per-call µs, one per round."""
     trees = {n: make_tree(n) for n in LEAF_COUNTS}
-    backends = available_backends()
+    backends = list(each_backend())
     fixed = {
         "jax.jit (hand-split)": {n: hand_split(trees[n]) for n in LEAF_COUNTS},
         "equinox.filter_jit": {

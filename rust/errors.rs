@@ -18,13 +18,17 @@ impl From<PyErr> for Stop {
     }
 }
 
+/// `repr(obj)` for an error message; an object whose `__repr__` raises is still reported.
+fn shown(obj: &Bound<'_, PyAny>) -> String {
+    obj.repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| "<unprintable>".to_owned())
+}
+
 /// Message of jax's own error when a custom flatten function returns something else than a
 /// `(children, aux_data)` pair.
 pub fn malformed_flatten(result: &Bound<'_, PyAny>) -> PyErr {
-    let shown = result
-        .repr()
-        .map(|r| r.to_string())
-        .unwrap_or_else(|_| "<unprintable>".to_owned());
+    let shown = shown(result);
     PyValueError::new_err(format!(
         "The to_iterable function for a custom PyTree node should return a (children, \
          aux_data) tuple, got {shown}"
@@ -32,10 +36,7 @@ pub fn malformed_flatten(result: &Bound<'_, PyAny>) -> PyErr {
 }
 
 pub fn malformed_children(result: &Bound<'_, PyAny>) -> PyErr {
-    let shown = result
-        .repr()
-        .map(|r| r.to_string())
-        .unwrap_or_else(|_| "<unprintable>".to_owned());
+    let shown = shown(result);
     PyValueError::new_err(format!(
         "The to_iterable function for a custom PyTree node should return a (children, \
          aux_data) tuple where 'children' is iterable, got {shown}"
@@ -43,10 +44,7 @@ pub fn malformed_children(result: &Bound<'_, PyAny>) -> PyErr {
 }
 
 pub fn non_boolean_is_leaf(value: &Bound<'_, PyAny>) -> PyErr {
-    let shown = value
-        .repr()
-        .map(|r| r.to_string())
-        .unwrap_or_else(|_| "<unprintable>".to_owned());
+    let shown = shown(value);
     PyValueError::new_err(format!(
         "is_leaf predicate returned a non-boolean value {shown}; expected a boolean"
     ))
