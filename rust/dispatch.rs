@@ -1,122 +1,140 @@
 //! `Dispatcher`: the per-call path of a `filter_jit` function (twin of
 //! `filterjax._pycore.Dispatcher`).
+//!
+//! A call is: look up the binding plan of its shape, bind the arguments to the function's
+//! normal form, partition them into dynamic leaves and a `StaticKey`, look the key up in
+//! the table of compiled programs (one `jax.jit` per static signature), call that with the
+//! flat array leaves only, and rebuild the output. JAX's own dispatch then sees nothing
+//! but arrays: no static argument to hash or compare. Anything off that path (a call shape
+//! or static signature seen for the first time, a partition or comparison that raises)
+//! goes to the Python fallback, which fills the tables.
 
-use std::sync::Mutex;
-
-use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::{flatten, rebuild, Truthy};
 
-/// What `reset` swaps. Behind a mutex because the class is frozen (shared across threads
-/// and re-entered from the jitted function); the lock is never held while Python runs.
-struct State {
-    jitted: Py<PyAny>,
-    plans: Py<PyAny>,
-    leading: Option<Py<PyAny>>,
-    fast: bool,
-}
-
 /// The per-call path of a `filter_jit` function.
 ///
-/// Calls whose shape has `fast_plan` as plan are partitioned, passed to `jitted` as
-/// `(key, [leading,] dynamic)` and their output rebuilt; everything else goes to
-/// `fallback(args, kwargs)`.
+/// Holds no mutable state of its own: the plan and program tables are dicts shared by
+/// every wrapper around the same function, filled (and cleared) from Python.
 #[pyclass(
     frozen,
     dict,
     weakref,
+    subclass,
     module = "filterjax._native",
     name = "Dispatcher"
 )]
 pub struct Dispatcher {
-    state: Mutex<State>,
-    fast_plan: Py<PyAny>,
+    /// Call shape (`len(args)` or `(len(args), keyword names)`) -> `identity_plan` or
+    /// `(argument sources, keyword sources)`.
+    plans: Py<PyDict>,
+    /// `StaticKey` of the bound arguments -> the `jax.jit` compiled for it.
+    programs: Py<PyDict>,
+    identity_plan: Py<PyAny>,
     fallback: Py<PyAny>,
     output_spec: Py<PyAny>,
+    /// The wrapped function's own array leaves, passed first to every program.
+    leading: Py<PyTuple>,
+    fast: bool,
 }
 
 static METHOD_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-fn lock_error() -> PyErr {
-    PyRuntimeError::new_err("filterjax: Dispatcher state lock poisoned")
-}
-
-type Snapshot = (Py<PyAny>, Py<PyAny>, Option<Py<PyAny>>, bool);
-
-impl Dispatcher {
-    /// A snapshot of the swappable state, taken without running Python under the lock.
-    fn snapshot(&self, py: Python<'_>) -> PyResult<Snapshot> {
-        let state = self.state.lock().map_err(|_| lock_error())?;
-        Ok((
-            state.jitted.clone_ref(py),
-            state.plans.clone_ref(py),
-            state.leading.as_ref().map(|l| l.clone_ref(py)),
-            state.fast,
-        ))
+/// One entry of a binding plan: where a bound argument comes from in the call.
+fn pick<'py>(
+    source: &Bound<'py, PyAny>,
+    args: &Bound<'py, PyTuple>,
+    kwargs: &Bound<'py, PyDict>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    if let Ok(name) = source.cast_exact::<PyString>() {
+        return kwargs.get_item(name);
     }
+    let index: usize = source.extract()?;
+    Ok(args.get_item(index).ok())
 }
 
-fn not_none(obj: Option<Py<PyAny>>, py: Python<'_>) -> Option<Py<PyAny>> {
-    obj.filter(|o| !o.is_none(py))
+/// `(args, kwargs)` in the function's normal form, or None if the plan does not fit the
+/// call (the fallback then binds it and says what is wrong).
+fn apply_plan<'py>(
+    py: Python<'py>,
+    plan: &Bound<'py, PyAny>,
+    args: &Bound<'py, PyTuple>,
+    kwargs: &Bound<'py, PyDict>,
+) -> PyResult<Option<(Bound<'py, PyTuple>, Bound<'py, PyDict>)>> {
+    let Ok(plan) = plan.cast_exact::<PyTuple>() else {
+        return Ok(None);
+    };
+    if plan.len() != 2 {
+        return Ok(None);
+    }
+    let arg_sources = plan.get_item(0)?;
+    let kw_sources = plan.get_item(1)?;
+    let (Ok(arg_sources), Ok(kw_sources)) = (
+        arg_sources.cast_exact::<PyTuple>(),
+        kw_sources.cast_exact::<PyTuple>(),
+    ) else {
+        return Ok(None);
+    };
+    let mut bound_args = Vec::with_capacity(arg_sources.len());
+    for source in arg_sources.iter() {
+        match pick(&source, args, kwargs)? {
+            Some(value) => bound_args.push(value),
+            None => return Ok(None),
+        }
+    }
+    let bound_kwargs = PyDict::new(py);
+    for item in kw_sources.iter() {
+        let item = item.cast_exact::<PyTuple>()?;
+        let name = item.get_item(0)?;
+        match pick(&item.get_item(1)?, args, kwargs)? {
+            Some(value) => bound_kwargs.set_item(name, value)?,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some((PyTuple::new(py, bound_args)?, bound_kwargs)))
 }
 
 #[pymethods]
 impl Dispatcher {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (jitted, plans, fast_plan, fallback, output_spec, leading=None, fast=Truthy(true)))]
+    #[pyo3(signature = (plans, programs, identity_plan, fallback, output_spec, leading=None, fast=Truthy(true)))]
     fn new(
         py: Python<'_>,
-        jitted: Py<PyAny>,
-        plans: Py<PyAny>,
-        fast_plan: Py<PyAny>,
+        plans: Bound<'_, PyDict>,
+        programs: Bound<'_, PyDict>,
+        identity_plan: Py<PyAny>,
         fallback: Py<PyAny>,
         output_spec: Py<PyAny>,
-        leading: Option<Py<PyAny>>,
+        leading: Option<&Bound<'_, PyAny>>,
         fast: Truthy,
     ) -> PyResult<Self> {
+        let leading = match leading.filter(|l| !l.is_none()) {
+            Some(l) => match l.cast_exact::<PyTuple>() {
+                Ok(t) => t.clone(),
+                Err(_) => PyTuple::new(py, l.try_iter()?.collect::<PyResult<Vec<_>>>()?)?,
+            },
+            None => PyTuple::empty(py),
+        };
         Ok(Dispatcher {
-            state: Mutex::new(State {
-                jitted,
-                plans,
-                leading: not_none(leading, py),
-                fast: fast.0,
-            }),
-            fast_plan,
+            plans: plans.unbind(),
+            programs: programs.unbind(),
+            identity_plan,
             fallback,
             output_spec,
+            leading: leading.unbind(),
+            fast: fast.0,
         })
     }
 
-    /// Swap in a new jitted function and plan table (after the caches were cleared).
-    #[pyo3(signature = (jitted, plans, leading=None, fast=Truthy(true)))]
-    fn reset(
-        &self,
-        py: Python<'_>,
-        jitted: Py<PyAny>,
-        plans: Py<PyAny>,
-        leading: Option<Py<PyAny>>,
-        fast: Truthy,
-    ) -> PyResult<()> {
-        let fast = fast.0;
-        let old = {
-            let mut state = self.state.lock().map_err(|_| lock_error())?;
-            std::mem::replace(
-                &mut *state,
-                State {
-                    jitted,
-                    plans,
-                    leading: not_none(leading, py),
-                    fast,
-                },
-            )
-        };
-        // Dropped outside the lock: releasing the old objects may run Python code.
-        drop(old);
-        Ok(())
+    /// The wrapped function's array leaves (a tuple), in `jax.tree_util` order.
+    #[getter]
+    fn leading<'py>(&self, py: Python<'py>) -> Bound<'py, PyTuple> {
+        self.leading.bind(py).clone()
     }
 
     #[pyo3(signature = (*args, **kwargs))]
@@ -130,11 +148,11 @@ impl Dispatcher {
             Some(k) => k.clone(),
             None => PyDict::new(py),
         };
-        let (jitted, plans, leading, fast) = self.snapshot(py)?;
+        let leading = self.leading.bind(py);
         let fallback = |args: &Bound<'py, PyTuple>, kwargs: Bound<'py, PyDict>| {
-            self.fallback.bind(py).call1((args, kwargs))
+            self.fallback.bind(py).call1((leading, args, kwargs))
         };
-        if !fast {
+        if !self.fast {
             return fallback(args, kwargs);
         }
         let shape = if kwargs.is_empty() {
@@ -147,33 +165,45 @@ impl Dispatcher {
             )?
             .into_any()
         };
-        let plans = plans.bind(py);
-        let plan = match plans.cast_exact::<PyDict>() {
-            Ok(dict) => dict.get_item(&shape)?,
-            Err(_) => Some(plans.call_method1(pyo3::intern!(py, "get"), (&shape,))?),
-        };
-        if !plan.is_some_and(|p| p.is(&self.fast_plan)) {
+        let Some(plan) = self.plans.bind(py).get_item(&shape)? else {
             return fallback(args, kwargs);
-        }
-        let tree = PyTuple::new(py, [args.as_any(), kwargs.as_any()])?;
+        };
+        let tree = if plan.is(&self.identity_plan) {
+            PyTuple::new(py, [args.as_any(), kwargs.as_any()])?
+        } else {
+            match apply_plan(py, &plan, args, &kwargs)? {
+                Some((bound_args, bound_kwargs)) => {
+                    PyTuple::new(py, [bound_args.into_any(), bound_kwargs.into_any()])?
+                }
+                None => return fallback(args, kwargs),
+            }
+        };
         let (dynamic, key) = match flatten::partition(py, tree.as_any(), None, None, true) {
             Ok(parts) => parts,
             // The fallback partitions again and raises the error with the call's names.
             Err(err) if err.is_instance_of::<PyException>(py) => return fallback(args, kwargs),
             Err(err) => return Err(err),
         };
-        let jitted = jitted.bind(py);
-        let called = match leading {
-            None => jitted.call1((key, dynamic)),
-            Some(leading) => jitted.call1((key, leading, dynamic)),
-        };
-        let out = match called {
-            Ok(out) => out,
-            // Nothing ran: JAX's cache lookup failed on a static leaf's `__eq__`. The
-            // fallback repeats the call and says which leaf it was.
-            Err(err) if is_static_comparison_error(py, &err) => return fallback(args, kwargs),
+        let program = match self.programs.bind(py).get_item(&key) {
+            Ok(Some(program)) => program,
+            // A static signature not compiled yet, or a static leaf whose `__eq__` raised
+            // (the fallback says which leaf it was).
+            Ok(None) => return fallback(args, kwargs),
+            Err(err) if err.is_instance_of::<PyException>(py) => return fallback(args, kwargs),
             Err(err) => return Err(err),
         };
+        let dynamic = dynamic.cast_into_exact::<PyList>()?;
+        let flat = if leading.is_empty() {
+            dynamic.to_tuple()
+        } else {
+            {
+                let mut items = Vec::with_capacity(leading.len() + dynamic.len());
+                items.extend(leading.iter());
+                items.extend(dynamic.iter());
+                PyTuple::new(py, items)?
+            }
+        };
+        let out = program.call1(flat)?;
         if let Ok(dict) = out.cast_exact::<PyDict>() {
             if dict.len() == 1 {
                 if let Some((spec, leaves)) = dict.iter().next() {
@@ -204,43 +234,13 @@ impl Dispatcher {
         }
     }
 
-    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
-        let py = slf.py();
-        let name = match slf.getattr(pyo3::intern!(py, "__name__")) {
-            Ok(name) => name.str()?.to_string(),
-            Err(err) if err.is_instance_of::<pyo3::exceptions::PyAttributeError>(py) => {
-                "?".to_owned()
-            }
-            Err(err) => return Err(err),
-        };
-        Ok(format!("<filter_jit({name})>"))
-    }
-
     fn __traverse__(&self, visit: pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
-        visit.call(&self.fast_plan)?;
+        visit.call(&self.plans)?;
+        visit.call(&self.programs)?;
+        visit.call(&self.identity_plan)?;
         visit.call(&self.fallback)?;
         visit.call(&self.output_spec)?;
-        // `try_lock`: the GC may run while a call holds the lock briefly; skipping the
-        // swappable fields then only delays collecting a cycle through them.
-        if let Ok(state) = self.state.try_lock() {
-            visit.call(&state.jitted)?;
-            visit.call(&state.plans)?;
-            if let Some(leading) = &state.leading {
-                visit.call(leading)?;
-            }
-        }
+        visit.call(&self.leading)?;
         Ok(())
     }
 }
-
-/// JAX's dispatch error for a static argument whose `__eq__` raised (the same prefix as
-/// `filterjax._pycore.JAX_STATIC_EQ_ERROR`).
-fn is_static_comparison_error(py: Python<'_>, err: &PyErr) -> bool {
-    err.is_instance_of::<PyValueError>(py)
-        && err
-            .value(py)
-            .str()
-            .is_ok_and(|message| message.to_string_lossy().starts_with(JAX_STATIC_EQ_ERROR))
-}
-
-const JAX_STATIC_EQ_ERROR: &str = "static arguments should be comparable";

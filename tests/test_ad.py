@@ -266,7 +266,8 @@ def test_jax_vmap_of_filter_grad():
 def test_grad_wrapper_is_a_pytree_holding_fun():
     model = mlp()
     wrapped = fj.filter_grad(lambda m, x: jnp.sum(m(x)))
-    assert jtu.tree_leaves(wrapped) == [wrapped.__wrapped__]
+    # Laid out as Equinox's: the function, then has_aux twice (grad and value_and_grad).
+    assert jtu.tree_leaves(wrapped) == [wrapped.__wrapped__, False, False]
     bound = fj.filter_grad(model.__call__.__func__).__get__(model, type(model))
     assert len(jtu.tree_leaves(bound)) > 1  # the instance's arrays are visible
     rebuilt = jtu.tree_map(lambda x: x, wrapped)

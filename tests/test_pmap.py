@@ -126,11 +126,10 @@ def test_batch_size_mismatch_names_leaves():
 
 
 def test_programs_kept_per_static_signature_are_bounded(monkeypatch):
-    from filterjax import _vmap_pmap
 
-    monkeypatch.setattr(_vmap_pmap, "_MAX_PMAPS", 3)
+    monkeypatch.setattr(fj._caches, "MAX_SIGNATURES", 3)
     f = fj.filter_pmap(lambda x, k: x * k)
     x = jnp.ones((jax.local_device_count(), 2))
     for k in range(6):
         np.testing.assert_allclose(f(x, k), k * np.ones((jax.local_device_count(), 2)))
-    assert len(f._pmapped) == 3
+    assert len(f._state[0].pmapped) == 3

@@ -20,6 +20,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.interpreters.ad import JVPTracer
 
 from . import _backend
+from ._wrapper import Wrapper, copy_metadata
 
 __all__ = [
     "filter_grad",
@@ -97,37 +98,6 @@ class _Static:
 jtu.register_pytree_node(_Static, lambda s: ((), s.value), lambda value, _: _Static(value))
 
 
-class _BoundWrapper:
-    """`wrapper.__get__(instance)`: the wrapper with `instance` as its first argument.
-
-    A PyTree (both the wrapper and the instance are children), like the bound methods of
-    Equinox Modules, so that arrays held by the instance are seen by outer transforms.
-    """
-
-    __slots__ = ("__func__", "__self__")
-
-    def __init__(self, func: Callable, instance: Any):
-        self.__func__ = func
-        self.__self__ = instance
-
-    def __call__(self, *args, **kwargs):
-        return self.__func__(self.__self__, *args, **kwargs)
-
-    @property
-    def __wrapped__(self):
-        return self.__func__
-
-    def __repr__(self) -> str:
-        return f"<bound {self.__func__!r} of {self.__self__!r}>"
-
-
-jtu.register_pytree_node(
-    _BoundWrapper,
-    lambda b: ((b.__func__, b.__self__), None),
-    lambda _, children: _BoundWrapper(*children),
-)
-
-
 def _copy_metadata(wrapper: Any, fun: Callable) -> None:
     try:
         functools.update_wrapper(wrapper, fun, updated=())
@@ -154,85 +124,78 @@ def _differentiate_leaves(diff_leaves: list, key, fun: Callable, rest: tuple, kw
     return fun(_backend.rebuild(key, diff_leaves), *rest, **kwargs)
 
 
-class _ValueAndGradWrapper:
-    """The callable returned by `filter_value_and_grad`. A PyTree whose child is `fun`."""
+class _ValueAndGradWrapper(Wrapper):
+    """The callable returned by `filter_value_and_grad`. A PyTree laid out as Equinox's:
+    children `fun`, `has_aux` and the keyword arguments of `jax.value_and_grad`."""
 
-    # State lives in slots so that wrappers which copy `__dict__` (functools.wraps) only
-    # pick up the metadata copied from `fun`.
     __slots__ = ("_fun", "_has_aux", "_gradkwargs", "_value_and_grad", "__dict__", "__weakref__")
+    _transform = "filter_value_and_grad"
+    _child_names = ("_fun", "_has_aux", "_gradkwargs")
 
     def __init__(self, fun: Callable, has_aux: bool, gradkwargs: dict):
         self._fun = fun
         self._has_aux = has_aux
         self._gradkwargs = gradkwargs
-        _copy_metadata(self, fun)
-        self._value_and_grad = jax.value_and_grad(
-            _differentiate_leaves, argnums=0, has_aux=has_aux, **gradkwargs
-        )
+        self._value_and_grad = None  # made on first call
+        copy_metadata(self, fun)
 
     def __call__(self, /, *args, **kwargs):
         if not args:
             raise TypeError(_FIRST_BY_KEYWORD if kwargs else _NO_POSITIONAL)
+        value_and_grad = self._value_and_grad
+        if value_and_grad is None:
+            value_and_grad = self._value_and_grad = jax.value_and_grad(
+                _differentiate_leaves, argnums=0, has_aux=self._has_aux, **self._gradkwargs
+            )
         diff_leaves, key = _backend.partition(args[0], _is_inexact_leaf, None, False)
-        value, grads = self._value_and_grad(diff_leaves, key, self._fun, args[1:], kwargs)
+        value, grads = value_and_grad(diff_leaves, key, self._fun, args[1:], kwargs)
         return value, _backend.rebuild(key, grads, [None] * key.num_static)
 
-    def __get__(self, instance, owner=None):
-        if instance is None:
-            return self
-        return _BoundWrapper(self, instance)
+    def _tree_flatten(self) -> tuple[tuple, Any]:
+        return (self._fun, self._has_aux, self._gradkwargs), None
 
-    def __repr__(self) -> str:
-        return f"<filter_value_and_grad({getattr(self._fun, '__name__', self._fun)!r})>"
+    @classmethod
+    def _tree_unflatten(cls, aux: Any, children: Any) -> Any:
+        return cls(*children)
+
+    def _wrapped(self) -> Any:
+        return self._fun
+
+    def _reduce(self) -> tuple[Callable, tuple]:
+        return _ValueAndGradWrapper, (self._fun, self._has_aux, self._gradkwargs)
 
 
-class _GradWrapper:
-    """The callable returned by `filter_grad`. A PyTree whose child is `fun`."""
+class _GradWrapper(Wrapper):
+    """The callable returned by `filter_grad`. A PyTree laid out as Equinox's: children
+    the `filter_value_and_grad` wrapper it calls, and `has_aux`."""
 
-    __slots__ = ("_value_and_grad", "_has_aux", "__dict__", "__weakref__")
+    __slots__ = ("_fun_value_and_grad", "_has_aux", "__dict__", "__weakref__")
+    _transform = "filter_grad"
+    _child_names = ("_fun_value_and_grad", "_has_aux")
 
-    def __init__(self, fun: Callable, has_aux: bool, gradkwargs: dict):
-        self._value_and_grad = _ValueAndGradWrapper(fun, has_aux, gradkwargs)
+    def __init__(self, value_and_grad: _ValueAndGradWrapper, has_aux: bool):
+        self._fun_value_and_grad = value_and_grad
         self._has_aux = has_aux
-        _copy_metadata(self, fun)
+        copy_metadata(self, value_and_grad)
 
     def __call__(self, /, *args, **kwargs):
-        value, grads = self._value_and_grad(*args, **kwargs)
+        value, grads = self._fun_value_and_grad(*args, **kwargs)
         if self._has_aux:
             return grads, value[1]
         return grads
 
-    def __get__(self, instance, owner=None):
-        if instance is None:
-            return self
-        return _BoundWrapper(self, instance)
+    def _tree_flatten(self) -> tuple[tuple, Any]:
+        return (self._fun_value_and_grad, self._has_aux), None
 
-    def __repr__(self) -> str:
-        fun = self._value_and_grad._fun
-        return f"<filter_grad({getattr(fun, '__name__', fun)!r})>"
+    @classmethod
+    def _tree_unflatten(cls, aux: Any, children: Any) -> Any:
+        return cls(*children)
 
+    def _wrapped(self) -> Any:
+        return self._fun_value_and_grad._fun
 
-def _flatten_value_and_grad(w: _ValueAndGradWrapper):
-    return (w._fun,), (w._has_aux, tuple(w._gradkwargs.items()))
-
-
-def _unflatten_value_and_grad(aux, children) -> _ValueAndGradWrapper:
-    has_aux, gradkwargs = aux
-    return _ValueAndGradWrapper(children[0], has_aux, dict(gradkwargs))
-
-
-def _flatten_grad(w: _GradWrapper):
-    inner = w._value_and_grad
-    return (inner._fun,), (inner._has_aux, tuple(inner._gradkwargs.items()))
-
-
-def _unflatten_grad(aux, children) -> _GradWrapper:
-    has_aux, gradkwargs = aux
-    return _GradWrapper(children[0], has_aux, dict(gradkwargs))
-
-
-jtu.register_pytree_node(_ValueAndGradWrapper, _flatten_value_and_grad, _unflatten_value_and_grad)
-jtu.register_pytree_node(_GradWrapper, _flatten_grad, _unflatten_grad)
+    def _reduce(self) -> tuple[Callable, tuple]:
+        return _GradWrapper, (self._fun_value_and_grad, self._has_aux)
 
 
 def _check_gradkwargs(gradkwargs: dict) -> None:
@@ -376,7 +339,7 @@ def filter_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs: Any) -> A
     if fun is _sentinel:
         return functools.partial(filter_grad, has_aux=has_aux, **gradkwargs)
     _check_gradkwargs(gradkwargs)
-    return _GradWrapper(fun, has_aux, gradkwargs)
+    return _GradWrapper(_ValueAndGradWrapper(fun, has_aux, gradkwargs), has_aux)
 
 
 # ---------------------------------------------------------------------------------------
@@ -604,16 +567,22 @@ def filter_vjp(fun: Callable, *primals, has_aux: bool = False):
 # filter_jacfwd, filter_jacrev, filter_hessian
 
 
-class _Jacobian:
-    """The callable returned by `filter_jacfwd` / `filter_jacrev`. A PyTree (child `fun`)."""
+class _Jacobian(Wrapper):
+    """The callable returned by `filter_jacfwd` / `filter_jacrev`. A PyTree laid out as
+    Equinox's: children `fun`, `has_aux` and whether it is reverse mode."""
 
-    __slots__ = ("fun", "has_aux", "reverse", "__dict__", "__weakref__")
+    __slots__ = ("fun", "has_aux", "rev", "__dict__", "__weakref__")
+    _child_names = ("fun", "has_aux", "rev")
 
-    def __init__(self, fun: Callable, has_aux: bool, reverse: bool):
+    def __init__(self, fun: Callable, has_aux: bool, rev: bool):
         self.fun = fun
         self.has_aux = has_aux
-        self.reverse = reverse
-        _copy_metadata(self, fun)
+        self.rev = rev
+        copy_metadata(self, fun)
+
+    @property
+    def _transform(self) -> str:  # type: ignore[override]
+        return "filter_jacrev" if self.rev else "filter_jacfwd"
 
     def __call__(self, x, /, *args, **kwargs):
         diff_leaves, key = _backend.partition(x, _is_inexact_leaf, None, False)
@@ -630,22 +599,24 @@ class _Jacobian:
             aux_leaves, side["aux_key"] = _backend.partition(aux, None, None, False)
             return out, aux_leaves
 
-        jacobian = jax.jacrev if self.reverse else jax.jacfwd
+        jacobian = jax.jacrev if self.rev else jax.jacfwd
         jac, aux_leaves = jacobian(diff_fun, has_aux=True)(diff_x)
         if has_aux:
             return jac, _backend.rebuild(side["aux_key"], aux_leaves)
         return jac
 
-    def __repr__(self) -> str:
-        kind = "filter_jacrev" if self.reverse else "filter_jacfwd"
-        return f"<{kind}({getattr(self.fun, '__name__', self.fun)!r})>"
+    def _tree_flatten(self) -> tuple[tuple, Any]:
+        return (self.fun, self.has_aux, self.rev), None
 
+    @classmethod
+    def _tree_unflatten(cls, aux: Any, children: Any) -> Any:
+        return cls(*children)
 
-jtu.register_pytree_node(
-    _Jacobian,
-    lambda j: ((j.fun,), (j.has_aux, j.reverse)),
-    lambda aux, children: _Jacobian(children[0], *aux),
-)
+    def _wrapped(self) -> Any:
+        return self.fun
+
+    def _reduce(self) -> tuple[Callable, tuple]:
+        return _Jacobian, (self.fun, self.has_aux, self.rev)
 
 
 def filter_jacfwd(fun: Callable, has_aux: bool = False) -> Callable:
@@ -676,7 +647,7 @@ def filter_jacfwd(fun: Callable, has_aux: bool = False) -> Callable:
 
     ```
     """
-    return _Jacobian(fun, has_aux, reverse=False)
+    return _Jacobian(fun, has_aux, rev=False)
 
 
 def filter_jacrev(fun: Callable, has_aux: bool = False) -> Callable:
@@ -707,7 +678,7 @@ def filter_jacrev(fun: Callable, has_aux: bool = False) -> Callable:
 
     ```
     """
-    return _Jacobian(fun, has_aux, reverse=True)
+    return _Jacobian(fun, has_aux, rev=True)
 
 
 def filter_hessian(fun: Callable, has_aux: bool = False) -> Callable:
@@ -1174,45 +1145,50 @@ class _BadGradient(Exception):
 # filter_checkpoint
 
 
-class _CheckpointWrapper:
-    """The callable returned by `filter_checkpoint`. A PyTree whose child is `fun`."""
+class _CheckpointWrapper(Wrapper):
+    """The callable returned by `filter_checkpoint`. A PyTree laid out as Equinox's:
+    children `fun`, `prevent_cse` and `policy`."""
 
     __slots__ = ("_fun", "_prevent_cse", "_policy", "_checkpointed", "__dict__", "__weakref__")
+    _transform = "filter_checkpoint"
+    _child_names = ("_fun", "_prevent_cse", "_policy")
 
     def __init__(self, fun: Callable, prevent_cse: bool, policy: Callable | None):
         self._fun = fun
         self._prevent_cse = prevent_cse
         self._policy = policy
-        _copy_metadata(self, fun)
-
-        def run(key, dynamic):
-            args, kwargs = _backend.rebuild(key, dynamic)
-            out_leaves, out_key = _backend.partition(fun(*args, **kwargs), None, None, False)
-            return out_leaves, _Static(out_key)
-
-        self._checkpointed = jax.checkpoint(
-            run, prevent_cse=prevent_cse, policy=policy, static_argnums=(0,)
-        )
+        self._checkpointed = None  # made on first call
+        copy_metadata(self, fun)
 
     def __call__(self, /, *args, **kwargs):
+        checkpointed = self._checkpointed
+        if checkpointed is None:
+            fun = self._fun
+
+            def run(key, dynamic):
+                args, kwargs = _backend.rebuild(key, dynamic)
+                out_leaves, out_key = _backend.partition(fun(*args, **kwargs), None, None, False)
+                return out_leaves, _Static(out_key)
+
+            checkpointed = self._checkpointed = jax.checkpoint(
+                run, prevent_cse=self._prevent_cse, policy=self._policy, static_argnums=(0,)
+            )
         dynamic, key = _backend.partition((args, kwargs))
-        out_leaves, out_static = self._checkpointed(key, dynamic)
+        out_leaves, out_static = checkpointed(key, dynamic)
         return _backend.rebuild(out_static.value, out_leaves)
 
-    def __get__(self, instance, owner=None):
-        if instance is None:
-            return self
-        return _BoundWrapper(self, instance)
+    def _tree_flatten(self) -> tuple[tuple, Any]:
+        return (self._fun, self._prevent_cse, self._policy), None
 
-    def __repr__(self) -> str:
-        return f"<filter_checkpoint({getattr(self._fun, '__name__', self._fun)!r})>"
+    @classmethod
+    def _tree_unflatten(cls, aux: Any, children: Any) -> Any:
+        return cls(*children)
 
+    def _wrapped(self) -> Any:
+        return self._fun
 
-jtu.register_pytree_node(
-    _CheckpointWrapper,
-    lambda c: ((c._fun,), (c._prevent_cse, c._policy)),
-    lambda aux, children: _CheckpointWrapper(children[0], *aux),
-)
+    def _reduce(self) -> tuple[Callable, tuple]:
+        return _CheckpointWrapper, (self._fun, self._prevent_cse, self._policy)
 
 
 @overload

@@ -1,20 +1,27 @@
 """filter_jit: `jax.jit` that traces every array leaf and holds everything else static.
 
-Per call, the work outside JAX is: look up a cached argument-binding plan, one core
-`partition` of `(args, kwargs)` giving the flat dynamic leaves and a hashable static key,
-one call of an inner `jax.jit` (whose C++ dispatch hashes the key as a static argument and
-checks the leaves' avals), and one `rebuild` of the output. The output's static part
+Per call, the work outside JAX is one native call (the core's `Dispatcher`): look up the
+argument-binding plan of the call's shape and apply it (so keyword calls share the
+positional calls' programs at the same cost), one `partition` of `(args, kwargs)` giving
+the flat dynamic leaves and a hashable static key, one dict lookup of the `jax.jit`
+compiled for that key, a call of it with the flat array leaves only (JAX's C++ dispatch
+sees no static argument), and one `rebuild` of the output. The output's static part
 travels back through JAX's own output treedef, so it is right for every traced signature
 and costs no Python callback. Nothing blocks: JAX's asynchronous dispatch is kept.
+
+Compiled programs belong to the function, not to the wrapper (Equinox's semantics): every
+`filter_jit(f)` around an equal `f` with equal options shares one `_JitProgram`, found in a
+bounded cache keyed on `f`'s static part. A wrapper is that program plus `f`'s own array
+leaves, and is a PyTree of them.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import threading
 import types
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import (
     Any,
@@ -32,6 +39,8 @@ import jax.tree_util as jtu
 
 from . import _backend, _caches
 from ._errors import UnhashableStaticError, rename_root, unhashable_message
+from ._pycore import apply_plan
+from ._wrapper import Wrapper, callable_name, copy_metadata
 
 __all__ = ["filter_jit"]
 
@@ -99,6 +108,15 @@ def _callable_as_tree(fun: Any) -> Any:
     return fun
 
 
+def _callable_from_tree(tree: Any) -> Any:
+    """Inverse of `_callable_as_tree`: the callable as the user gave it."""
+    if type(tree) is _PartialTree:
+        return functools.partial(_callable_from_tree(tree.func), *tree.args, **tree.keywords)
+    if type(tree) is _MethodTree:
+        return types.MethodType(_callable_from_tree(tree.func), tree.instance)
+    return tree
+
+
 # ---------------------------------------------------------------------------------------
 # Argument binding, cached per call shape (number of positionals, keyword names).
 
@@ -112,33 +130,34 @@ class _Slot:
         self.source = source
 
 
-def _identity_plan(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    return args, kwargs
+class _IdentityPlan:
+    """The plan of calls already in the function's normal form: arguments pass as given."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<identity plan>"
 
 
-def _make_plan(signature: inspect.Signature | None, args: tuple, kwargs: dict):
+IDENTITY_PLAN = _IdentityPlan()
+
+
+def _make_plan(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> Any:
     """How calls shaped like `(args, kwargs)` map onto `signature.bind(...)`'s normal form.
 
-    Raises the TypeError `signature.bind` raises when such calls can't bind.
+    `IDENTITY_PLAN`, or `(argument sources, ((keyword, source), ...))` where a source is a
+    position in the call's `args` or a name in its `kwargs`: the form the core's
+    Dispatchers apply (`_pycore.apply_plan`). Raises the TypeError `signature.bind` raises
+    when such calls can't bind.
     """
     if signature is None:
-        return _identity_plan
+        return IDENTITY_PLAN
     bound = signature.bind(*map(_Slot, range(len(args))), **{k: _Slot(k) for k in kwargs})
     arg_sources = tuple(slot.source for slot in bound.args)
     kwarg_sources = tuple((name, slot.source) for name, slot in bound.kwargs.items())
     if arg_sources == tuple(range(len(args))) and all(n == s for n, s in kwarg_sources):
-        return _identity_plan
-
-    def plan(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        def pick(source):
-            return args[source] if type(source) is int else kwargs[source]
-
-        return (
-            tuple(map(pick, arg_sources)),
-            {name: pick(source) for name, source in kwarg_sources},
-        )
-
-    return plan
+        return IDENTITY_PLAN
+    return arg_sources, kwarg_sources
 
 
 def _signature_of(fun: Callable) -> inspect.Signature | None:
@@ -148,8 +167,7 @@ def _signature_of(fun: Callable) -> inspect.Signature | None:
         return None
 
 
-def _bind_error(fun: Callable, err: TypeError) -> TypeError:
-    name = getattr(fun, "__qualname__", None) or type(fun).__qualname__
+def _bind_error(name: str, err: TypeError) -> TypeError:
     return TypeError(f"{name}() {err}")
 
 
@@ -175,9 +193,9 @@ class _OutputSpec:
         return "<filterjax output>"
 
 
-def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict) -> Any:
+def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = None) -> Any:
     out = fun(*args, **kwargs)
-    out_dynamic, out_key = _backend.partition(out, hashed=False)
+    out_dynamic, out_key = (core or _backend).partition(out, None, None, False)
     if out_key.num_static == 0:
         # JAX rebuilds an all-array output itself, from the output treedef of the trace.
         # A lone dict keyed by an _OutputSpec is how a trace with static outputs says so.
@@ -186,46 +204,47 @@ def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict) -> Any:
     return {_OutputSpec(out_key): out_dynamic}
 
 
-def _rebuild_output(out: Any) -> Any:
+def _rebuild_output(out: Any, core: Any = None) -> Any:
     if type(out) is dict and len(out) == 1:
         ((spec, leaves),) = out.items()
         if type(spec) is _OutputSpec:
-            return _backend.rebuild(spec.key, leaves)
+            return (core or _backend).rebuild(spec.key, leaves)
     return out
 
 
-def _make_traced(fun_key, fun_is_static: bool, name: str, split_first: bool) -> Callable:
-    """The function handed to `jax.jit`. Static argument 0 is the call's StaticKey.
+def _make_traced(program: _JitProgram, key: Any) -> Callable:
+    """The function handed to `jax.jit` for one static signature: flat array leaves in
+    (the function's own first, then the arguments'), the output split for JAX out."""
+    core = program.core
+    fun_key = program.fun_key
+    static_fun = program.static_fun
+    num_leading = program.num_leading
 
-    When `fun` holds no arrays it is rebuilt once, here, and the traced function takes no
-    `fun_dynamic` argument.
-    """
-
-    def traced_split_first(key, fun_dynamic, first_dynamic, rest_dynamic):
+    if program.split_first:
         first_key, rest_key = key
-        call = _backend.rebuild(fun_key, fun_dynamic)
-        (first,) = _backend.rebuild(first_key, first_dynamic)
-        rest_args, kwargs = _backend.rebuild(rest_key, rest_dynamic)
-        return _run_and_split_output(call, (first, *rest_args), kwargs)
+        num_first = first_key.num_dynamic
 
-    def traced_static_fun(key, dynamic):
-        args, kwargs = _backend.rebuild(key, dynamic)
-        return _run_and_split_output(static_fun, args, kwargs)
+        def traced(*flat):
+            fun = (
+                static_fun if static_fun is not None else core.rebuild(fun_key, flat[:num_leading])
+            )
+            dynamic = flat[num_leading:]
+            (first,) = core.rebuild(first_key, dynamic[:num_first])
+            rest_args, kwargs = core.rebuild(rest_key, dynamic[num_first:])
+            return _run_and_split_output(fun, (first, *rest_args), kwargs, core)
 
-    def traced(key, fun_dynamic, dynamic):
-        call = _backend.rebuild(fun_key, fun_dynamic)
-        args, kwargs = _backend.rebuild(key, dynamic)
-        return _run_and_split_output(call, args, kwargs)
-
-    if split_first:
-        chosen: Callable = traced_split_first
-    elif fun_is_static:
-        static_fun = _backend.rebuild(fun_key, [])
-        chosen = traced_static_fun
     else:
-        chosen = traced
-    chosen.__name__ = chosen.__qualname__ = name
-    return chosen
+
+        def traced(*flat):
+            fun = (
+                static_fun if static_fun is not None else core.rebuild(fun_key, flat[:num_leading])
+            )
+            args, kwargs = core.rebuild(key, flat[num_leading:])
+            return _run_and_split_output(fun, args, kwargs, core)
+
+    traced.__name__ = program.name
+    traced.__qualname__ = program.qualname
+    return traced
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,75 +269,84 @@ class JitFunction(Protocol[_P, _T]):
     ) -> Callable[_Q, _T]: ...
 
 
-class _JitState:
-    """Everything behind one `filter_jit` function except its per-call fast path.
+class _JitProgram:
+    """Everything compiled for one function (by its static part) and one set of options.
 
-    The callable handed to the user is a core `Dispatcher` (native or Python), which runs
-    the common call in one go and hands every other call to `call_slow`.
+    Shared by every wrapper around an equal function: the plans (per call shape) and the
+    programs (one `jax.jit` per static signature of the arguments) live here, and the
+    wrappers' Dispatchers read them in place. A wrapper adds only the function's own
+    array leaves (`leading`). Bound to the core (native or Python) it was made with.
     """
 
-    def __init__(self, fun: Callable, donate: _Donate, jitkwargs: dict):
-        self.fun = fun
+    def __init__(self, core: Any, fun: Callable, fun_key: Any, donate: _Donate, jitkwargs):
+        self.core = core
+        self.fun_key = fun_key
         self.donate = donate
         self.jitkwargs = jitkwargs
+        self.num_leading = fun_key.num_dynamic
+        # A function holding no arrays is rebuilt once, not in every trace.
+        self.static_fun = None if self.num_leading else core.rebuild(fun_key, [])
         self.signature = _signature_of(fun)
-        self.name = getattr(fun, "__name__", type(fun).__name__)
+        self.name = callable_name(fun)
+        self.qualname = getattr(fun, "__qualname__", None) or self.name
         self.split_first = donate in ("all-except-first", "warn-except-first")
         self.silence_unused_donation = donate in ("all", "all-except-first")
-        self.dispatcher_ref: weakref.ref | None = None
-        self._setup()
-
-    def _setup(self) -> None:
-        """(Re)build everything derived from the backend: fun's partition, plans, jit."""
-        try:
-            self.fun_dynamic, fun_key = _backend.partition(_callable_as_tree(self.fun))
-        except UnhashableStaticError as err:
-            raise _renamed(err, ("fun",)) from err.__cause__
         self.plans: dict = {}
-        fun_is_static = not self.fun_dynamic
-        if self.split_first:
-            donate_argnums: tuple[int, ...] = (1, 3)
-        elif self.donate == "none":
-            donate_argnums = ()
-        elif fun_is_static:
-            donate_argnums = (1,)
-        else:
-            donate_argnums = (1, 2)
-        self.jitted: Any = jax.jit(
-            _make_traced(fun_key, fun_is_static, self.name, self.split_first),
-            static_argnums=0,
-            donate_argnums=donate_argnums,
-            **self.jitkwargs,
-        )
+        self.programs: dict = {}
+        self._lock = threading.Lock()
+        self.wrapper_class = _wrapper_class(core)
+        self.fast = not (self.split_first or self.silence_unused_donation)
+        holder = types.SimpleNamespace()
+        copy_metadata(holder, fun)
+        self.metadata = dict(holder.__dict__)
+        _caches.register_owner(self)
 
-    def make_dispatcher(self):
-        dispatcher = _backend.Dispatcher(
-            self.jitted,
+    def wrap(self, leading: Any) -> Any:
+        """A wrapper (a `filter_jit` function) around this program and `leading`."""
+        wrapper = self.wrapper_class(
+            # No reference cycles through the program: JAX frees a `jax.jit`'s compiled
+            # programs fully only when it is freed by reference counting, not by the GC.
             self.plans,
-            _identity_plan,
-            self.call_slow,
+            self.programs,
+            IDENTITY_PLAN,
+            self._call,
             _OutputSpec,
-            **self._dispatch_options(),
+            leading,
+            self.fast,
         )
-        self.dispatcher_ref = weakref.ref(dispatcher)
-        return dispatcher
-
-    def _dispatch_options(self) -> dict:
-        return {
-            "leading": self.fun_dynamic or None,
-            "fast": not (self.split_first or self.silence_unused_donation),
-        }
+        attributes = wrapper.__dict__
+        attributes["_program"] = self
+        attributes.update(self.metadata)
+        return wrapper
 
     def _clear_cache(self) -> None:
-        self.jitted.clear_cache()
-        self._setup()
-        dispatcher = self.dispatcher_ref() if self.dispatcher_ref is not None else None
-        if dispatcher is not None:
-            options = self._dispatch_options()
-            # A Dispatcher of the other backend would build keys the traced function can't
-            # read: send all its calls down the (backend-neutral) slow path.
-            options["fast"] = options["fast"] and type(dispatcher) is _backend.Dispatcher
-            dispatcher.reset(self.jitted, self.plans, **options)
+        programs = list(self.programs.values())
+        self.programs.clear()
+        self.plans.clear()
+        for jitted in programs:
+            jitted.clear_cache()
+
+    # Equality by what the program was made for: the treedefs of two wrappers around
+    # equal functions compare equal even if one program was evicted and made again.
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(other) is not _JitProgram:
+            return NotImplemented
+        return (
+            self.core is other.core
+            and self.donate == other.donate
+            and self.jitkwargs == other.jitkwargs
+            and self.fun_key == other.fun_key
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.donate, self.fun_key))
+
+    def __repr__(self) -> str:
+        return f"<filter_jit program of {self.qualname}>"
+
+    # -- the slow path ------------------------------------------------------------------
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         shape = (len(args), tuple(kwargs)) if kwargs else len(args)
@@ -327,13 +355,18 @@ class _JitState:
             try:
                 plan = _make_plan(self.signature, args, kwargs)
             except TypeError as err:
-                raise _bind_error(self.fun, err) from None
+                raise _bind_error(self.name, err) from None
             self.plans[shape] = plan
-        return plan(args, kwargs)
+        if plan is IDENTITY_PLAN:
+            return args, kwargs
+        bound = apply_plan(plan, args, kwargs)
+        assert bound is not None, "a plan made for this call shape always fits it"
+        return bound
 
-    def jit_arguments(self, args: tuple, kwargs: dict) -> tuple:
-        """Everything `self.jitted` is called with: (key, [fun_dynamic], dynamic...)."""
+    def arguments(self, args: tuple, kwargs: dict) -> tuple[Any, list]:
+        """The call's static key and flat dynamic leaves (after binding)."""
         args, kwargs = self.bind(args, kwargs)
+        partition = self.core.partition
         try:
             if self.split_first:
                 if not args:
@@ -341,31 +374,87 @@ class _JitState:
                         f"filter_jit(donate={self.donate!r}) needs at least one positional "
                         f"argument to keep undonated; {self.name}() was called without one."
                     )
-                first_dynamic, first_key = _backend.partition((args[0],))
-                rest_dynamic, rest_key = _backend.partition((args[1:], kwargs))
-                return (first_key, rest_key), self.fun_dynamic, first_dynamic, rest_dynamic
-            dynamic, key = _backend.partition((args, kwargs))
+                first_dynamic, first_key = partition((args[0],))
+                rest_dynamic, rest_key = partition((args[1:], kwargs))
+                return (first_key, rest_key), [*first_dynamic, *rest_dynamic]
+            dynamic, key = partition((args, kwargs))
         except UnhashableStaticError as err:
             raise _renamed(err, ("args", "kwargs")) from err.__cause__
-        if self.fun_dynamic:
-            return key, self.fun_dynamic, dynamic
         return key, dynamic
 
-    def call_slow(self, args: tuple, kwargs: dict) -> Any:
-        """A call off the Dispatcher's fast path: first of its shape, donation modes, errors."""
-        jit_args = self.jit_arguments(args, kwargs)
+    def program_for(self, key: Any, args: tuple, kwargs: dict) -> Any:
+        """The `jax.jit` for this static signature, made on first use."""
         try:
-            if self.silence_unused_donation:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
-                    out = self.jitted(*jit_args)
-            else:
-                out = self.jitted(*jit_args)
-        except ValueError as err:
-            if str(err).startswith(JAX_STATIC_EQ_ERROR):
-                raise _static_comparison_error(args, kwargs, err) from err
-            raise
-        return _rebuild_output(out)
+            jitted = self.programs.get(key)
+        except Exception as err:
+            raise _static_comparison_error(args, kwargs, err) from err
+        if jitted is None:
+            with self._lock:  # one `jax.jit` per signature, however many threads miss it
+                jitted = self.programs.get(key)
+                if jitted is None:
+                    jitted = jax.jit(
+                        _make_traced(self, key),
+                        donate_argnums=self._donated(key),
+                        **self.jitkwargs,
+                    )
+                    _caches.bounded_insert(self.programs, key, jitted)
+        return jitted
+
+    def _donated(self, key: Any) -> tuple[int, ...]:
+        if self.donate == "none":
+            return ()
+        if self.split_first:
+            first_key, rest_key = key
+            start = self.num_leading + first_key.num_dynamic
+            return (*range(self.num_leading), *range(start, start + rest_key.num_dynamic))
+        return tuple(range(self.num_leading + key.num_dynamic))
+
+    def _call(self, leading: tuple, args: tuple, kwargs: dict) -> Any:
+        """A call off the Dispatcher's fast path: first of its shape or static signature,
+        donation modes, errors."""
+        key, dynamic = self.arguments(args, kwargs)
+        jitted = self.program_for(key, args, kwargs)
+        if self.silence_unused_donation:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
+                out = jitted(*leading, *dynamic)
+        else:
+            out = jitted(*leading, *dynamic)
+        return _rebuild_output(out, self.core)
+
+    def lower(self, leading: tuple, args: tuple, kwargs: dict) -> Lowered:
+        key, dynamic = self.arguments(args, kwargs)
+        jitted = self.program_for(key, args, kwargs)
+        return Lowered(self, leading, jitted.lower(*leading, *dynamic), key)
+
+
+class _JitWrapperBase(Wrapper):
+    """What `filter_jit` returns (see `filter_jit`): a core `Dispatcher` and a PyTree.
+
+    Its children are laid out as Equinox's: the function's name, then the function's
+    array leaves; its static part is the shared `_JitProgram`. Unflattening makes a new
+    wrapper around the same program, so it keeps every compiled program.
+    """
+
+    __slots__ = ()
+    _transform = "filter_jit"
+    _child_names = ("fn", "_dynamic_fun")
+
+    def _tree_flatten(self) -> tuple[tuple, Any]:
+        program = self._program
+        return (program.name, self.leading), program
+
+    @classmethod
+    def _tree_unflatten(cls, program: Any, children: Any) -> Any:
+        return program.wrap(children[1])
+
+    def _wrapped(self) -> Any:
+        program = self._program
+        return _callable_from_tree(program.core.rebuild(program.fun_key, self.leading))
+
+    def _reduce(self) -> tuple[Callable, tuple]:
+        program = self._program
+        return _remake, (self._wrapped(), program.donate, program.jitkwargs)
 
     def lower(self, /, *args: Any, **kwargs: Any) -> Lowered:
         """Lower for these arguments (ahead-of-time compilation).
@@ -375,17 +464,52 @@ class _JitState:
         A `Lowered` object with `.as_text()` and `.compile()`; the compiled object is
         called with the same arguments (static ones included) as this function.
         """
-        jit_args = self.jit_arguments(args, kwargs)
-        return Lowered(self, self.jitted.lower(*jit_args), jit_args[0])
+        return self._program.lower(self.leading, args, kwargs)
+
+    def __hash__(self) -> int:
+        return hash((self._program, tuple(self.leading)))
 
 
-# How JAX's dispatch reports a static argument whose `__eq__` raised. The Dispatchers send
-# such calls down `call_slow`, which says which leaf it was.
-JAX_STATIC_EQ_ERROR = "static arguments should be comparable"
+def _remake(fun: Callable, donate: _Donate, jitkwargs: dict) -> Any:
+    return filter_jit(fun, donate=donate, **jitkwargs)
 
 
-def _static_comparison_error(args: tuple, kwargs: dict, err: ValueError) -> TypeError:
-    """Name the static leaf (path and type) whose `__eq__` broke JAX's cache lookup."""
+_wrapper_classes: dict[str, type] = {}
+
+
+def _wrapper_class(core: Any) -> type:
+    """The wrapper type for a core: `_JitWrapperBase` on that core's `Dispatcher`."""
+    cls = _wrapper_classes.get(core.BACKEND)
+    if cls is None:
+        cls = type(
+            "_JitWrapper",
+            (_JitWrapperBase, core.Dispatcher),
+            {
+                "__slots__": (),
+                "__module__": __name__,
+                # Bind as a plain method (C-level, no Python frame per call).
+                "__get__": core.Dispatcher.__get__,
+            },
+        )
+        _wrapper_classes[core.BACKEND] = cls
+    return cls
+
+
+# Compiled programs of every filter_jit function, keyed on the function's static part
+# and the options (see `filterjax._caches`).
+_PROGRAMS = _caches.ProgramCache()
+
+
+def _program_key(core: Any, fun_key: Any, donate: str, jitkwargs: dict) -> Any:
+    try:
+        options = tuple(sorted(jitkwargs.items()))
+    except TypeError:
+        options = tuple(jitkwargs.items())
+    return (core.BACKEND, fun_key, donate, options)
+
+
+def _static_comparison_error(args: tuple, kwargs: dict, err: Exception) -> TypeError:
+    """Name the static leaf (path and type) whose `__eq__` broke the cache lookup."""
     paths_and_leaves, _ = jtu.tree_flatten_with_path((args, kwargs))
     for path, leaf in paths_and_leaves:
         if _backend.is_array_fast(leaf):
@@ -415,8 +539,9 @@ def _renamed(err: UnhashableStaticError, roots: tuple[str, ...]) -> UnhashableSt
 class Lowered(Generic[_T]):
     """A `filter_jit` function lowered for one call signature (see `JitFunction.lower`)."""
 
-    def __init__(self, wrapper: _JitState, lowered, key):
-        self._wrapper = wrapper
+    def __init__(self, program: _JitProgram, leading: tuple, lowered, key):
+        self._program = program
+        self._leading = leading
         self._lowered = lowered
         self._key = key
 
@@ -429,14 +554,16 @@ class Lowered(Generic[_T]):
 
     def compile(self, *args, **kwargs) -> Compiled[_T]:
         """Compile the lowered program."""
-        return Compiled(self._wrapper, self._lowered.compile(*args, **kwargs), self._key)
+        compiled = self._lowered.compile(*args, **kwargs)
+        return Compiled(self._program, self._leading, compiled, self._key)
 
 
 class Compiled(Generic[_T]):
     """A compiled `filter_jit` program, callable with the arguments it was lowered for."""
 
-    def __init__(self, wrapper: _JitState, compiled, key):
-        self._wrapper = wrapper
+    def __init__(self, program: _JitProgram, leading: tuple, compiled, key):
+        self._program = program
+        self._leading = leading
         self._compiled = compiled
         self._key = key
 
@@ -444,15 +571,15 @@ class Compiled(Generic[_T]):
         return self._compiled.as_text(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> _T:
-        key, *dynamic = self._wrapper.jit_arguments(args, kwargs)
+        key, dynamic = self._program.arguments(args, kwargs)
         if key != self._key:
             raise TypeError(
-                f"This compiled {self._wrapper.name} was lowered for arguments with another "
+                f"This compiled {self._program.name} was lowered for arguments with another "
                 "tree structure or other static (non-array) values than the ones it was "
                 "called with. Lower and compile again for these arguments, or call the "
                 "filter_jit function itself (which compiles as needed)."
             )
-        return _rebuild_output(self._compiled(*dynamic))
+        return _rebuild_output(self._compiled(*self._leading, *dynamic), self._program.core)
 
 
 @overload
@@ -541,12 +668,13 @@ def filter_jit(fun=None, *, donate: _Donate = "none", **jitkwargs):
         return functools.partial(filter_jit, donate=donate, **jitkwargs)
     if not callable(fun):
         raise TypeError(f"filter_jit expects a callable, got {type(fun).__name__}")
-    state = _JitState(fun, donate, jitkwargs)
-    dispatcher = state.make_dispatcher()
-    # updated=(): copying fun's __dict__ would plant its attributes (a Module's fields,
-    # another wrapper's state) on the dispatcher.
-    functools.update_wrapper(dispatcher, fun, updated=())
-    dispatcher.lower = state.lower
-    dispatcher._filterjax_state = state
-    _caches.register_owner(state)
-    return dispatcher
+    core = _backend._core
+    try:
+        leading, fun_key = core.partition(_callable_as_tree(fun))
+    except UnhashableStaticError as err:
+        raise _renamed(err, ("fun",)) from err.__cause__
+    program = _PROGRAMS.get_or_create(
+        _program_key(core, fun_key, donate, jitkwargs),
+        lambda: _JitProgram(core, fun, fun_key, donate, jitkwargs),
+    )
+    return program.wrap(leading)

@@ -206,56 +206,54 @@ def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | Non
     return key._treedef.unflatten(leaves)
 
 
-# The start of JAX's error for a static argument whose `__eq__` raised (see
-# `filterjax._jit._static_comparison_error`).
-JAX_STATIC_EQ_ERROR = "static arguments should be comparable"
-
-
 class Dispatcher:
     """The per-call path of a `filter_jit` function (twin of the native `Dispatcher`).
 
-    Calls whose shape has `fast_plan` as plan are partitioned, passed to `jitted` as
-    `(key, [leading,] dynamic)` and their output rebuilt; everything else goes to
-    `fallback(args, kwargs)`.
+    A call whose shape has a plan in `plans` is bound by it (`identity_plan`, or a pair of
+    argument and keyword sources), partitioned, and its `StaticKey` looked up in
+    `programs`; the program found is called with `(*leading, *dynamic)` and an output
+    `{spec: leaves}` with `type(spec) is output_spec` is rebuilt. Every other call, and any
+    whose partition or key comparison raises, goes to `fallback(leading, args, kwargs)`.
     """
 
-    def __init__(self, jitted, plans, fast_plan, fallback, output_spec, leading=None, fast=True):
-        self._jitted = jitted
+    def __init__(
+        self, plans, programs, identity_plan, fallback, output_spec, leading=None, fast=True
+    ):
         self._plans = plans
-        self._fast_plan = fast_plan
+        self._programs = programs
+        self._identity_plan = identity_plan
         self._fallback = fallback
         self._output_spec = output_spec
-        self._leading = leading
-        self._fast = fast
+        self._leading = () if leading is None else tuple(leading)
+        self._fast = bool(fast)
 
-    def reset(self, jitted, plans, leading=None, fast=True) -> None:
-        """Swap in a new jitted function and plan table (after the caches were cleared)."""
-        self._jitted = jitted
-        self._plans = plans
-        self._leading = leading
-        self._fast = fast
+    @property
+    def leading(self) -> tuple:
+        """The wrapped function's array leaves (a tuple), in `jax.tree_util` order."""
+        return self._leading
 
     def __call__(self, /, *args, **kwargs):
         if not self._fast:
-            return self._fallback(args, kwargs)
+            return self._fallback(self._leading, args, kwargs)
         plan = self._plans.get((len(args), tuple(kwargs)) if kwargs else len(args))
-        if plan is not self._fast_plan:
-            return self._fallback(args, kwargs)
+        if plan is None:
+            return self._fallback(self._leading, args, kwargs)
+        if plan is self._identity_plan:
+            tree = (args, kwargs)
+        else:
+            bound = apply_plan(plan, args, kwargs)
+            if bound is None:
+                return self._fallback(self._leading, args, kwargs)
+            tree = bound
         try:
-            dynamic, key = partition((args, kwargs))
+            dynamic, key = partition(tree)
+            program = self._programs.get(key)
         except Exception:
             # The fallback partitions again and raises the error with the call's names.
-            return self._fallback(args, kwargs)
-        try:
-            if self._leading is None:
-                out = self._jitted(key, dynamic)
-            else:
-                out = self._jitted(key, self._leading, dynamic)
-        except ValueError as err:
-            if str(err).startswith(JAX_STATIC_EQ_ERROR):
-                # Nothing ran: the cache lookup failed. The fallback says which leaf broke it.
-                return self._fallback(args, kwargs)
-            raise
+            return self._fallback(self._leading, args, kwargs)
+        if program is None:
+            return self._fallback(self._leading, args, kwargs)
+        out = program(*self._leading, *dynamic)
         if type(out) is dict and len(out) == 1:
             ((spec, leaves),) = out.items()
             if type(spec) is self._output_spec:
@@ -267,5 +265,21 @@ class Dispatcher:
             return self
         return MethodType(self, instance)
 
-    def __repr__(self) -> str:
-        return f"<filter_jit({getattr(self, '__name__', '?')})>"
+
+def apply_plan(plan: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """`(args, kwargs)` bound by `plan = (argument sources, keyword sources)`, where a
+    source is a position in `args` or a name in `kwargs`; None if the call does not fit."""
+    if type(plan) is not tuple or len(plan) != 2:
+        return None
+    arg_sources, kw_sources = plan
+    try:
+        bound_args = tuple(
+            kwargs[source] if type(source) is str else args[source] for source in arg_sources
+        )
+        bound_kwargs = {
+            name: kwargs[source] if type(source) is str else args[source]
+            for name, source in kw_sources
+        }
+    except (KeyError, IndexError):
+        return None
+    return bound_args, bound_kwargs

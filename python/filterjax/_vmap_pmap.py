@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-import types
+import threading
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, ParamSpec, TypeVar, overload
@@ -38,6 +38,7 @@ from ._jit import (
     _renamed,
     _run_and_split_output,
 )
+from ._wrapper import Wrapper, callable_name, copy_metadata
 
 __all__ = ["filter_vmap", "filter_pmap"]
 
@@ -223,8 +224,17 @@ def _moveaxis(array: Any, axis: int) -> Any:
     return array if axis == 0 else jnp.moveaxis(array, 0, axis)
 
 
-class _VmapWrapper:
-    """The callable `filter_vmap` returns. See `filter_vmap`."""
+_VMAP_FIELDS = ("_fun", "_in_axes", "_out_axes", "_axis_name", "_axis_size", "_vmapkwargs")
+
+
+class _VmapWrapper(Wrapper):
+    """The callable `filter_vmap` returns (see `filter_vmap`). A PyTree laid out as
+    Equinox's: children `fun`, `in_axes`, `out_axes`, `axis_name`, `axis_size`, the
+    keyword arguments of `jax.vmap`."""
+
+    __slots__ = _VMAP_FIELDS + ("_derived", "__dict__", "__weakref__")
+    _transform = "filter_vmap"
+    _child_names = _VMAP_FIELDS
 
     def __init__(self, fun, in_axes, out_axes, axis_name, axis_size, vmapkwargs):
         self._fun = fun
@@ -233,14 +243,36 @@ class _VmapWrapper:
         self._axis_name = axis_name
         self._axis_size = axis_size
         self._vmapkwargs = vmapkwargs
-        self._name = getattr(fun, "__name__", type(fun).__name__)
+        self._derived = False
+        copy_metadata(self, fun)
+
+    def _derive(self) -> None:
+        """What calls need from the children; computed on first call, since unflattening
+        may hand this wrapper placeholder children that are never called."""
+        fun, in_axes, out_axes = self._fun, self._in_axes, self._out_axes
+        self._name = callable_name(fun)
         self._uniform_in, self._in_axis = _uniform_axis(in_axes)
         self._uniform_out, self._out_axis = _uniform_axis(out_axes)
         self._names = _parameter_names(fun) if isinstance(in_axes, dict) else None
-        functools.update_wrapper(self, fun)
+        self._derived = True
+
+    def _tree_flatten(self) -> tuple[tuple, Any]:
+        return tuple(getattr(self, name) for name in _VMAP_FIELDS), None
+
+    @classmethod
+    def _tree_unflatten(cls, aux: Any, children: Any) -> Any:
+        return cls(*children)
+
+    def _wrapped(self) -> Any:
+        return self._fun
+
+    def _reduce(self) -> tuple[Callable, tuple]:
+        return _remake_vmap, tuple(getattr(self, name) for name in _VMAP_FIELDS)
 
     def __call__(self, /, *args, **kwargs):
         _check_no_kwargs(kwargs, "filter_vmap")
+        if not self._derived:
+            self._derive()
         in_axes = self._in_axes
         if type(in_axes) is dict:
             in_axes = _named_in_axes(in_axes, self._names, len(args), self._name)
@@ -384,13 +416,9 @@ class _VmapWrapper:
                 joined.append(leaf)
         return _backend.rebuild(out_key, joined)
 
-    def __get__(self, instance, owner=None):
-        if instance is None:
-            return self
-        return types.MethodType(self, instance)
 
-    def __repr__(self) -> str:
-        return f"<filter_vmap({self._name})>"
+def _remake_vmap(fun, in_axes, out_axes, axis_name, axis_size, vmapkwargs):
+    return _VmapWrapper(fun, in_axes, out_axes, axis_name, axis_size, vmapkwargs)
 
 
 _P = ParamSpec("_P")
@@ -545,12 +573,122 @@ def _normalise_out_axis(axis: int, leaf: Any) -> int:
     return axis % rank
 
 
-# Distinct static signatures one filter_pmap function keeps compiled programs for.
-_MAX_PMAPS = 256
+_PMAP_FIELDS = (
+    "_fun",
+    "_in_axes",
+    "_out_axes",
+    "_axis_name",
+    "_axis_size",
+    "_filter_warning",
+    "_pmapkwargs",
+)
 
 
-class _PmapWrapper:
-    """The callable `filter_pmap` returns. See `filter_pmap`."""
+class _PmapProgram:
+    """Everything compiled for one function (by its static part) and one set of options:
+    one `jax.pmap` per static signature of the arguments, shared by every wrapper around
+    an equal function. Bound to the core it was made with."""
+
+    def __init__(self, core, fun_key, name, in_axes, out_axes, axis_name, axis_size, donate,
+                 pmapkwargs):  # fmt: skip
+        self.core = core
+        self.fun_key = fun_key
+        self.name = name
+        self.out_axes = out_axes
+        self.axis_name = axis_name
+        self.axis_size = axis_size
+        self.donate = donate
+        self.pmapkwargs = pmapkwargs
+        self.uniform_in, self.in_axis = _uniform_axis(in_axes)
+        if type(in_axes) is int:  # only array leaves are traced, so `k` means if_array(k)
+            self.uniform_in, self.in_axis = True, in_axes
+        self.uniform_out, self.out_axis = _uniform_axis(out_axes)
+        self.silence_unused_donation = donate == "all"
+        self.dummy = None if axis_size is None else np.zeros(axis_size, np.int8)
+        self.lock = threading.Lock()
+        self._clear_cache()
+        _caches.register_owner(self)
+
+    def _clear_cache(self) -> None:
+        # One jax.pmap per static signature, looked up by the call's StaticKey alone on the
+        # fast path (uniform axes), else by (key, per-leaf input axes, output groups).
+        self.pmapped: dict = {}
+        self.groups = 4
+
+    def pmap_for(self, cache_key, key, leaf_axes: tuple | None, groups: int):
+        pmapped = self.pmapped.get(cache_key)
+        if pmapped is not None:
+            return pmapped
+        with self.lock:
+            pmapped = self.pmapped.get(cache_key)
+            if pmapped is None:
+                pmapped = self._make_pmap(key, leaf_axes, groups)
+                _caches.bounded_insert(self.pmapped, cache_key, pmapped)
+        return pmapped
+
+    def _make_pmap(self, key, leaf_axes: tuple | None, groups: int):
+        core, fun_key = self.core, self.fun_key
+        uniform_out, out_axes = self.uniform_out, self.out_axes
+
+        def parallelised(leaves):
+            fun_dynamic, dynamic, _ = leaves
+            fun = core.rebuild(fun_key, fun_dynamic)
+            args = core.rebuild(key, list(dynamic))
+            if uniform_out:
+                return _run_and_split_output(fun, args, {}, core)
+            return _group_output(core, fun(*args), out_axes, groups)
+
+        parallelised.__name__ = parallelised.__qualname__ = self.name
+        dynamic_axes = self.in_axis if leaf_axes is None else leaf_axes
+        pmap_out_axes: Any = self.out_axis if uniform_out else (None, *range(groups), None)
+        return jax.pmap(
+            parallelised,
+            axis_name=self.axis_name,
+            in_axes=((None, dynamic_axes, 0),),
+            out_axes=pmap_out_axes,
+            axis_size=self.axis_size,
+            donate_argnums=() if self.donate == "none" else (0,),
+            **self.pmapkwargs,
+        )
+
+    def run(self, pmapped, fun_dynamic, dynamic):
+        if self.silence_unused_donation:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
+                return pmapped((fun_dynamic, dynamic, self.dummy))
+        return pmapped((fun_dynamic, dynamic, self.dummy))
+
+    def finish(self, out):
+        if self.uniform_out:
+            return _rebuild_output(out, self.core)
+        return _ungroup_output(self.core, out)
+
+
+# Compiled programs of every filter_pmap function (see `filterjax._caches`).
+_PMAP_PROGRAMS = _caches.ProgramCache()
+
+
+def _pmap_program_key(core, fun_key, in_axes, out_axes, axis_name, axis_size, donate, kwargs):
+    try:
+        _, axes_key = core.partition((in_axes, out_axes), _never)
+        options = tuple(sorted(kwargs.items()))
+    except Exception:
+        return [fun_key]  # unhashable: not shared
+    return (core.BACKEND, fun_key, axes_key, axis_name, axis_size, donate, options)
+
+
+def _never(_: Any) -> bool:
+    return False
+
+
+class _PmapWrapper(Wrapper):
+    """The callable `filter_pmap` returns (see `filter_pmap`). A PyTree laid out as
+    Equinox's: children `fun`, `in_axes`, `out_axes`, `axis_name`, `axis_size`, whether
+    unused-donation warnings are filtered, the keyword arguments of `jax.pmap`."""
+
+    __slots__ = _PMAP_FIELDS + ("_donate", "_state", "__dict__", "__weakref__")
+    _transform = "filter_pmap"
+    _child_names = _PMAP_FIELDS
 
     def __init__(self, fun, in_axes, out_axes, axis_name, axis_size, donate, pmapkwargs):
         self._fun = fun
@@ -558,117 +696,122 @@ class _PmapWrapper:
         self._out_axes = out_axes
         self._axis_name = axis_name
         self._axis_size = axis_size
-        self._donate = donate
+        self._filter_warning = donate == "all"
         self._pmapkwargs = pmapkwargs
-        self._name = getattr(fun, "__name__", type(fun).__name__)
-        self._uniform_in, self._in_axis = _uniform_axis(in_axes)
-        if type(in_axes) is int:  # only array leaves are traced, so `k` means if_array(k)
-            self._uniform_in, self._in_axis = True, in_axes
-        self._uniform_out, self._out_axis = _uniform_axis(out_axes)
-        self._names = _parameter_names(fun) if isinstance(in_axes, dict) else None
-        self._silence_unused_donation = donate == "all"
-        functools.update_wrapper(self, fun)
-        self._setup()
-        _caches.register_owner(self)
+        self._donate = donate
+        self._state = None
+        copy_metadata(self, fun)
 
-    def _setup(self) -> None:
-        try:
-            self._fun_dynamic, self._fun_key = _backend.partition(_callable_as_tree(self._fun))
-        except UnhashableStaticError as err:
-            raise _renamed(err, ("fun",)) from err.__cause__
-        # One jax.pmap per static signature, looked up by the call's StaticKey alone on the
-        # fast path (uniform axes), else by (key, per-leaf input axes, output groups).
-        self._pmapped: dict = {}
-        self._groups = 4
-        self._dummy = None if self._axis_size is None else np.zeros(self._axis_size, np.int8)
+    def _tree_flatten(self) -> tuple[tuple, Any]:
+        return tuple(getattr(self, name) for name in _PMAP_FIELDS), self._donate
 
-    def _clear_cache(self) -> None:
-        self._setup()
+    @classmethod
+    def _tree_unflatten(cls, donate: Any, children: Any) -> Any:
+        fun, in_axes, out_axes, axis_name, axis_size, _, pmapkwargs = children
+        return cls(fun, in_axes, out_axes, axis_name, axis_size, donate, pmapkwargs)
 
-    def _make_pmap(self, cache_key, key, leaf_axes: tuple | None, groups: int):
-        fun_key = self._fun_key
-        uniform_out, out_axis, out_axes = self._uniform_out, self._out_axis, self._out_axes
+    def _wrapped(self) -> Any:
+        return self._fun
 
-        def parallelised(leaves):
-            fun_dynamic, dynamic, _ = leaves
-            fun = _backend.rebuild(fun_key, fun_dynamic)
-            args = _backend.rebuild(key, list(dynamic))
-            if uniform_out:
-                return _run_and_split_output(fun, args, {})
-            return _group_output(fun(*args), out_axes, groups)
-
-        parallelised.__name__ = parallelised.__qualname__ = self._name
-        dynamic_axes = self._in_axis if leaf_axes is None else leaf_axes
-        if uniform_out:
-            pmap_out_axes: Any = out_axis
-        else:
-            pmap_out_axes = (None, *range(groups), None)
-        donate_argnums = () if self._donate == "none" else (0,)
-        pmapped = jax.pmap(
-            parallelised,
-            axis_name=self._axis_name,
-            in_axes=((None, dynamic_axes, 0),),
-            out_axes=pmap_out_axes,
-            axis_size=self._axis_size,
-            donate_argnums=donate_argnums,
-            **self._pmapkwargs,
+    def _reduce(self) -> tuple[Callable, tuple]:
+        return _remake_pmap, (
+            self._fun,
+            self._in_axes,
+            self._out_axes,
+            self._axis_name,
+            self._axis_size,
+            self._donate,
+            self._pmapkwargs,
         )
-        if len(self._pmapped) >= _MAX_PMAPS:
-            # Bounded like JAX's own jit caches: forget the oldest static signature.
-            del self._pmapped[next(iter(self._pmapped))]
-        self._pmapped[cache_key] = pmapped
-        return pmapped
 
-    def _call_args(self, args: tuple) -> tuple[Any, tuple | None, Sequence]:
+    def _ready(self) -> tuple[_PmapProgram, list]:
+        """(the shared program, fun's array leaves): made on first call, since
+        unflattening may hand this wrapper placeholder children that are never called."""
+        state = self._state
+        if state is None:
+            core = _backend._core
+            try:
+                fun_dynamic, fun_key = core.partition(_callable_as_tree(self._fun))
+            except UnhashableStaticError as err:
+                raise _renamed(err, ("fun",)) from err.__cause__
+            options = (
+                self._in_axes,
+                self._out_axes,
+                self._axis_name,
+                self._axis_size,
+                self._donate,
+                self._pmapkwargs,
+            )
+            program = _PMAP_PROGRAMS.get_or_create(
+                _pmap_program_key(core, fun_key, *options),
+                lambda: _PmapProgram(core, fun_key, callable_name(self._fun), *options),
+            )
+            self._names = _parameter_names(self._fun) if isinstance(self._in_axes, dict) else None
+            state = self._state = (program, fun_dynamic)
+        return state
+
+    def _call_args(self, program: _PmapProgram, args: tuple) -> tuple[Any, tuple | None, Sequence]:
         """(StaticKey, per-leaf axes or None if uniform, dynamic leaves) for a call."""
         in_axes = self._in_axes
         if type(in_axes) is dict:
-            in_axes = _named_in_axes(in_axes, self._names, len(args), self._name)
+            in_axes = _named_in_axes(in_axes, self._names, len(args), program.name)
         try:
-            dynamic, key = _backend.partition(args)
+            dynamic, key = program.core.partition(args)
         except UnhashableStaticError as err:
             raise _renamed(err, ("args",)) from err.__cause__
-        if self._uniform_in and in_axes is self._in_axes:
+        if program.uniform_in and in_axes is self._in_axes:
             return key, None, dynamic
-        leaves, _ = _backend.partition(args, _always, None, False)
+        leaves, _ = program.core.partition(args, _always, None, False)
         axes = _leaf_axes(in_axes, args, leaves, "in_axes")
         leaf_axes = tuple(a for a, m in zip(axes, key.mask, strict=True) if m)
         return key, leaf_axes, tuple(dynamic)
 
+    def _pmapped_for(self, program, key, leaf_axes, groups):
+        cache_key = key if leaf_axes is None and groups == 4 else (key, leaf_axes, groups)
+        return program.pmap_for(cache_key, key, leaf_axes, groups)
+
     def __call__(self, /, *args, **kwargs):
         _check_no_kwargs(kwargs, "filter_pmap")
-        key, leaf_axes, dynamic = self._call_args(args)
-        groups = self._groups
-        cache_key = key if leaf_axes is None and groups == 4 else (key, leaf_axes, groups)
-        pmapped = self._pmapped.get(cache_key)
-        if pmapped is None:
-            pmapped = self._make_pmap(cache_key, key, leaf_axes, groups)
+        program, fun_dynamic = self._ready()
+        key, leaf_axes, dynamic = self._call_args(program, args)
+        groups = program.groups
+        pmapped = self._pmapped_for(program, key, leaf_axes, groups)
         try:
-            out = self._run(pmapped, dynamic)
+            out = program.run(pmapped, fun_dynamic, dynamic)
         except _MoreOutputGroups as more:
-            self._groups = groups = more.needed
-            cache_key = (key, leaf_axes, groups)
-            pmapped = self._make_pmap(cache_key, key, leaf_axes, groups)
-            out = self._run(pmapped, dynamic)
+            program.groups = groups = max(program.groups, more.needed)
+            pmapped = self._pmapped_for(program, key, leaf_axes, groups)
+            out = program.run(pmapped, fun_dynamic, dynamic)
         except ValueError as err:
-            better = self._diagnose(args, key, leaf_axes, dynamic)
+            better = self._diagnose(program, args, key, leaf_axes, dynamic)
             if better is None:
                 raise
             raise better from err
-        if self._uniform_out:
-            return _rebuild_output(out)
-        return _ungroup_output(out)
+        return program.finish(out)
 
-    def _run(self, pmapped, dynamic):
-        if self._silence_unused_donation:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
-                return pmapped((self._fun_dynamic, dynamic, self._dummy))
-        return pmapped((self._fun_dynamic, dynamic, self._dummy))
+    def lower(self, /, *args, **kwargs) -> _PmapLowered:
+        """Lower for these arguments (ahead-of-time compilation).
 
-    def _diagnose(self, args, key, leaf_axes, dynamic) -> ValueError | None:
+        **Returns:**
+
+        A lowered object with `.as_text()` and `.compile()`; the compiled object is called
+        with the same arguments (static ones included) as this function.
+        """
+        _check_no_kwargs(kwargs, "filter_pmap")
+        program, fun_dynamic = self._ready()
+        key, leaf_axes, dynamic = self._call_args(program, args)
+        groups = program.groups
+        flat = (fun_dynamic, dynamic, program.dummy)
+        try:
+            lowered = self._pmapped_for(program, key, leaf_axes, groups).lower(flat)
+        except _MoreOutputGroups as more:
+            program.groups = groups = max(program.groups, more.needed)
+            lowered = self._pmapped_for(program, key, leaf_axes, groups).lower(flat)
+        return _PmapLowered(self, program, fun_dynamic, lowered, (key, leaf_axes))
+
+    def _diagnose(self, program, args, key, leaf_axes, dynamic) -> ValueError | None:
         indices = [i for i, m in enumerate(key.mask) if m]
-        axes = [self._in_axis] * len(dynamic) if leaf_axes is None else list(leaf_axes)
+        axes = [program.in_axis] * len(dynamic) if leaf_axes is None else list(leaf_axes)
         mapped = [
             (i, a, leaf) for i, a, leaf in zip(indices, axes, dynamic, strict=True) if a is not None
         ]
@@ -677,13 +820,61 @@ class _PmapWrapper:
         indices, axes, leaves = (list(column) for column in zip(*mapped, strict=True))
         return _diagnose_mapped_inputs("filter_pmap", args, indices, axes, leaves, self._axis_size)
 
-    def __get__(self, instance, owner=None):
-        if instance is None:
-            return self
-        return types.MethodType(self, instance)
 
-    def __repr__(self) -> str:
-        return f"<filter_pmap({self._name})>"
+def _remake_pmap(fun, in_axes, out_axes, axis_name, axis_size, donate, pmapkwargs):
+    return _PmapWrapper(fun, in_axes, out_axes, axis_name, axis_size, donate, pmapkwargs)
+
+
+class _PmapLowered:
+    """A `filter_pmap` function lowered for one call signature (see `lower`)."""
+
+    def __init__(self, wrapper, program, fun_dynamic, lowered, signature):
+        self._wrapper = wrapper
+        self._program = program
+        self._fun_dynamic = fun_dynamic
+        self._lowered = lowered
+        self._signature = signature
+
+    def as_text(self, *args, **kwargs) -> str:
+        """The lowered program as text (StableHLO by default)."""
+        return self._lowered.as_text(*args, **kwargs)
+
+    def compiler_ir(self, *args, **kwargs):
+        return self._lowered.compiler_ir(*args, **kwargs)
+
+    def compile(self, *args, **kwargs) -> _PmapCompiled:
+        """Compile the lowered program."""
+        compiled = self._lowered.compile(*args, **kwargs)
+        return _PmapCompiled(
+            self._wrapper, self._program, self._fun_dynamic, compiled, self._signature
+        )
+
+
+class _PmapCompiled:
+    """A compiled `filter_pmap` program, callable with the arguments it was lowered for."""
+
+    def __init__(self, wrapper, program, fun_dynamic, compiled, signature):
+        self._wrapper = wrapper
+        self._program = program
+        self._fun_dynamic = fun_dynamic
+        self._compiled = compiled
+        self._signature = signature
+
+    def as_text(self, *args, **kwargs) -> str:
+        return self._compiled.as_text(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        _check_no_kwargs(kwargs, "filter_pmap")
+        key, leaf_axes, dynamic = self._wrapper._call_args(self._program, args)
+        if (key, leaf_axes) != self._signature:
+            raise TypeError(
+                f"This compiled {self._program.name} was lowered for arguments with another "
+                "tree structure, other static (non-array) values or other mapped axes than "
+                "the ones it was called with. Lower and compile again for these arguments, "
+                "or call the filter_pmap function itself (which compiles as needed)."
+            )
+        out = self._program.run(self._compiled, self._fun_dynamic, dynamic)
+        return self._program.finish(out)
 
 
 class _GroupedOutput:
@@ -696,9 +887,9 @@ class _GroupedOutput:
         self.placement = placement
 
 
-def _group_output(out: Any, out_axes: Any, groups: int) -> tuple:
+def _group_output(core: Any, out: Any, out_axes: Any, groups: int) -> tuple:
     """Inside the trace: split the output into one list per (non-negative) out axis."""
-    leaves, out_key = _backend.partition(out, _always, None, False)
+    leaves, out_key = core.partition(out, _always, None, False)
     axes = _leaf_axes(out_axes, out, leaves, "out_axes")
     by_axis: list[list] = [[] for _ in range(groups)]
     unmapped: list = []
@@ -719,14 +910,14 @@ def _group_output(out: Any, out_axes: Any, groups: int) -> tuple:
     return (spec, *by_axis, unmapped)
 
 
-def _ungroup_output(out: tuple) -> Any:
+def _ungroup_output(core: Any, out: tuple) -> Any:
     ((spec, _),) = out[0].items()
     grouped = spec.key
     groups = out[1:]
     leaves = [
         value if group is None else groups[group][value] for group, value in grouped.placement
     ]
-    return _backend.rebuild(grouped.key, leaves)
+    return core.rebuild(grouped.key, leaves)
 
 
 _RESERVED_PMAP_KWARGS = frozenset({"static_broadcasted_argnums", "donate_argnums"})
