@@ -226,7 +226,7 @@ def raise_structure_error(
                     f"the {mine[0]} node data differ: expected {mine[1]!r:.200}, "
                     f"got {theirs[1]!r:.200}"
                 )
-        if problem is not None:
+        if problem is not None or theirs is None:
             raise ValueError(f"{lead}: at {where}, {problem}.") from original
         for p_child, t_child, key in zip(
             reversed(mine[2]), reversed(theirs[2]), reversed(mine[3]), strict=True

@@ -349,16 +349,17 @@ def _split(pytree: Any, filter_spec: Any, is_leaf: Any) -> tuple[list, list[bool
     `is_leaf`. `rebuild(new_leaves)` gives the output tree."""
     if not _is_node(filter_spec):
         _check_spec(filter_spec)
-        leaves, treedef = _flatten(pytree, is_leaf)
-        return leaves, _leaf_masks(leaves, filter_spec, pytree, is_leaf, 0), treedef.unflatten
+        all_leaves, treedef = _flatten(pytree, is_leaf)
+        masks = _leaf_masks(all_leaves, filter_spec, pytree, is_leaf, 0)
+        return all_leaves, masks, treedef.unflatten
     spec_leaves, spec_def = _flatten(filter_spec, None)
     try:
         subtrees = spec_def.flatten_up_to(pytree)
     except Exception as err:
         raise_structure_error("filter_spec", filter_spec, pytree, None, 0, err)
     leaves: list = []
-    masks: list[bool] = []
-    defs = []
+    masks = []
+    defs: list[Any] = []  # jaxlib ships no stub for PyTreeDef
     for spec, subtree in zip(spec_leaves, subtrees, strict=True):
         _check_spec(spec)
         try:
