@@ -1,4 +1,5 @@
-"""Per-call cost of the core: partition-with-key and rebuild, against `jax.tree_util` and Equinox.
+"""Per-call cost of the core: partition-with-key and rebuild, and the public filtering helpers
+(`filterjax.partition`, `filter`, `combine`), against `jax.tree_util` and Equinox.
 
 Two modes:
 
@@ -27,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from filterjax import _pycore
+import filterjax as fj
+from filterjax import _backend, _pycore
 
 try:
     from filterjax import _native
@@ -81,6 +83,29 @@ def operations(tree) -> dict[str, Callable[[], object]]:
     return ops
 
 
+def filter_operations(tree) -> dict[str, Callable[[], object]]:
+    """The public helpers on the current backend, the Python twin and Equinox, and the floor:
+    `tree_flatten` + `tree_unflatten` of the same tree."""
+    dynamic, static = eqx.partition(tree, eqx.is_array)
+
+    def flatten_unflatten():
+        leaves, treedef = jtu.tree_flatten(tree)
+        return treedef.unflatten(leaves)
+
+    return {
+        "flatten+unflatten": flatten_unflatten,
+        "fj.partition": lambda: fj.partition(tree, fj.is_array),
+        "twin partition": lambda: _pycore.tree_partition(tree, fj.is_array),
+        "eqx.partition": lambda: eqx.partition(tree, eqx.is_array),
+        "fj.filter": lambda: fj.filter(tree, fj.is_array),
+        "twin filter": lambda: _pycore.tree_filter(tree, fj.is_array),
+        "eqx.filter": lambda: eqx.filter(tree, eqx.is_array),
+        "fj.combine": lambda: fj.combine(dynamic, static),
+        "twin combine": lambda: _pycore.tree_combine((dynamic, static)),
+        "eqx.combine": lambda: eqx.combine(dynamic, static),
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # pytest-benchmark mode
 # --------------------------------------------------------------------------------------------
@@ -118,6 +143,17 @@ if pytest is not None:
         assert len(jtu.tree_leaves(tree)) == size
         benchmark.group = f"{kind}-{size}"
         benchmark(operations(tree)[op])
+
+    _FILTER_OPS = tuple(filter_operations({"a": 1}))
+
+    @pytest.mark.parametrize("op", _FILTER_OPS)
+    @pytest.mark.parametrize("size", SIZES)
+    @pytest.mark.parametrize("kind", TREE_KINDS)
+    def test_filters(benchmark, kind, size, op):
+        """`fj.*` run on the native core when it is built (else on the Python twin)."""
+        tree = _cached_tree(kind, size)
+        benchmark.group = f"filters-{kind}-{size}"
+        benchmark(filter_operations(tree)[op])
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +207,26 @@ def build_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def build_filter_table(results: dict) -> str:
+    names = list(next(iter(results.values())).keys())
+    ratios = [
+        ("eqx.partition", "fj.partition", "≥5"),
+        ("eqx.filter", "fj.filter", "≥5"),
+        ("eqx.combine", "fj.combine", "≥2"),
+        ("fj.partition", "flatten+unflatten", ""),
+        ("fj.filter", "flatten+unflatten", ""),
+        ("fj.combine", "flatten+unflatten", ""),
+    ]
+    header = ["tree", "leaves", *[f"{n} (µs)" for n in names]]
+    header += [f"{a} / {b}" + (f" ({goal})" if goal else "") for a, b, goal in ratios]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (kind, size), times in results.items():
+        row = [kind, str(size), *[_fmt(times[n]) for n in names]]
+        row += [f"{times[a] / times[b]:.1f}" for a, b, _ in ratios]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=41, help="interleaved samples per op")
@@ -181,15 +237,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
+    if _native is not None:
+        _backend.set_backend("native")
     results = {}
+    filter_results = {}
     for kind in TREE_KINDS:
         for size in SIZES:
             tree = make_tree(kind, size)
             assert len(jtu.tree_leaves(tree)) == size
             results[kind, size] = measure(operations(tree), args.repeats, args.target)
+            filter_results[kind, size] = measure(filter_operations(tree), args.repeats, args.target)
             print(f"measured {kind}-{size}", file=sys.stderr, flush=True)
 
     table = build_table(results)
+    filter_table = build_filter_table(filter_results)
     command = (
         f"PYTHONPATH=python python benches/bench_partition.py --repeats {args.repeats} "
         f"--target {args.target}"
@@ -215,6 +276,16 @@ def main(argv: list[str] | None = None) -> None:
             "absolute times).",
             "",
             table,
+            "",
+            "## The public filtering helpers",
+            "",
+            f"`fj.*` on the {_backend.backend()} core; `twin *` are the Python twin's "
+            "`_pycore.tree_partition/tree_filter/tree_combine`. Filter `is_array` (filterjax's "
+            "for ours, Equinox's for Equinox); combine of the two halves of "
+            "`eqx.partition(tree, eqx.is_array)`. `flatten+unflatten` is `tree_flatten` then "
+            "`unflatten` of the same tree: the floor for building one new tree.",
+            "",
+            filter_table,
             "",
         ]
     )

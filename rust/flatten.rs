@@ -127,25 +127,53 @@ impl<'py> Open<'py> {
     }
 }
 
-struct Flattener<'a, 'py> {
+pub(crate) struct Flattener<'a, 'py> {
     py: Python<'py>,
     g: &'a Globals,
-    predicate: Option<&'a Bound<'py, PyAny>>,
+    /// `leaf -> truthy` for a dynamic leaf; None means `is_array`.
+    pub(crate) predicate: Option<Bound<'py, PyAny>>,
+    /// If set, every leaf is dynamic (true) or static (false) and `predicate` is ignored.
+    pub(crate) constant: Option<bool>,
+    /// `None` is a leaf (as with `is_leaf=lambda x: x is None`), without asking `is_leaf`.
+    pub(crate) none_is_leaf: bool,
     is_leaf: Option<&'a Bound<'py, PyAny>>,
     limit: usize,
-    nodes: Vec<Node>,
-    dynamic: Vec<Bound<'py, PyAny>>,
-    statics: Vec<Bound<'py, PyAny>>,
-    mask: Vec<bool>,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) dynamic: Vec<Bound<'py, PyAny>>,
+    pub(crate) statics: Vec<Bound<'py, PyAny>>,
+    pub(crate) mask: Vec<bool>,
     /// First error from classifying a leaf. The Python twin classifies only after a
-    /// successful flatten, so a flatten error found later must win over this one.
-    pending: Option<PyErr>,
+    /// successful flatten, so a flatten error found later must win over this one. The
+    /// failing leaf's index is `mask.len()`: nothing more is classified after it.
+    pub(crate) pending: Option<PyErr>,
 }
 
 impl<'a, 'py> Flattener<'a, 'py> {
+    pub(crate) fn new(
+        py: Python<'py>,
+        g: &'a Globals,
+        is_leaf: Option<&'a Bound<'py, PyAny>>,
+    ) -> Self {
+        Flattener {
+            py,
+            g,
+            predicate: None,
+            constant: None,
+            none_is_leaf: false,
+            is_leaf,
+            limit: recursion_limit(),
+            nodes: Vec::with_capacity(HINT_NODES.get()),
+            dynamic: Vec::with_capacity(HINT_DYNAMIC.get()),
+            statics: Vec::with_capacity(HINT_STATIC.get()),
+            mask: Vec::with_capacity(HINT_LEAVES.get()),
+            pending: None,
+        }
+    }
+
     /// Flatten `tree`: a depth-first walk with an explicit stack, so that no nesting depth
-    /// can overflow the Rust stack. Nodes are recorded in post-order, like jax's.
-    fn run(&mut self, tree: &Bound<'py, PyAny>) -> Result<(), Stop> {
+    /// can overflow the Rust stack. Nodes are recorded in post-order, like jax's. Appends
+    /// to what earlier runs recorded.
+    pub(crate) fn run(&mut self, tree: &Bound<'py, PyAny>) -> Result<(), Stop> {
         let mut stack: Vec<Open<'py>> = Vec::with_capacity(8);
         if let Some(open) = self.visit(tree.clone(), 0)? {
             stack.push(open);
@@ -173,9 +201,10 @@ impl<'a, 'py> Flattener<'a, 'py> {
         if self.pending.is_some() {
             return;
         }
-        let dynamic = match self.predicate {
-            None => classify::is_array(self.g, &obj),
-            Some(predicate) => predicate.call1((&obj,)).and_then(|r| r.is_truthy()),
+        let dynamic = match (self.constant, &self.predicate) {
+            (Some(constant), _) => Ok(constant),
+            (None, None) => classify::is_array(self.g, &obj),
+            (None, Some(predicate)) => predicate.call1((&obj,)).and_then(|r| r.is_truthy()),
         };
         match dynamic {
             Ok(true) => {
@@ -195,6 +224,10 @@ impl<'a, 'py> Flattener<'a, 'py> {
     #[inline]
     fn visit(&mut self, obj: Bound<'py, PyAny>, depth: usize) -> Result<Option<Open<'py>>, Stop> {
         let py = self.py;
+        if self.none_is_leaf && obj.is_none() {
+            self.leaf(obj);
+            return Ok(None);
+        }
         if let Some(is_leaf) = self.is_leaf {
             if self.asks_leaf(is_leaf, &obj)? {
                 self.leaf(obj);
@@ -321,14 +354,7 @@ impl<'a, 'py> Flattener<'a, 'py> {
         kind: Bound<'py, PyType>,
         entry: &Bound<'py, PyAny>,
     ) -> Result<Open<'py>, Stop> {
-        let py = self.py;
-        let (to_iter, from_iter) = match entry.cast::<PyTuple>() {
-            Ok(pair) if pair.len() >= 2 => (pair.get_item(0)?, pair.get_item(1)?),
-            _ => (
-                entry.getattr(pyo3::intern!(py, "to_iter"))?,
-                entry.getattr(pyo3::intern!(py, "from_iter"))?,
-            ),
-        };
+        let (to_iter, from_iter) = registry_functions(entry)?;
         let result = to_iter.call1((obj,))?;
         let pair = match result.cast::<PyTuple>() {
             Ok(pair) if pair.len() == 2 => pair,
@@ -357,8 +383,22 @@ impl<'a, 'py> Flattener<'a, 'py> {
     }
 }
 
+/// `(to_iter, from_iter)` of an entry of jax's node registry.
+pub(crate) fn registry_functions<'py>(
+    entry: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let py = entry.py();
+    match entry.cast::<PyTuple>() {
+        Ok(pair) if pair.len() >= 2 => Ok((pair.get_item(0)?, pair.get_item(1)?)),
+        _ => Ok((
+            entry.getattr(pyo3::intern!(py, "to_iter"))?,
+            entry.getattr(pyo3::intern!(py, "from_iter"))?,
+        )),
+    }
+}
+
 /// `hasattr(obj, "_fields")`, swallowing errors as jax's namedtuple test does.
-fn has_fields(obj: &Bound<'_, PyAny>) -> bool {
+pub(crate) fn has_fields(obj: &Bound<'_, PyAny>) -> bool {
     obj.hasattr(pyo3::intern!(obj.py(), "_fields"))
         .unwrap_or(false)
 }
@@ -400,18 +440,8 @@ pub fn partition<'py>(
     hashed: bool,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, StaticKey>)> {
     let g = classify::globals(py)?;
-    let mut f = Flattener {
-        py,
-        g,
-        predicate,
-        is_leaf,
-        limit: recursion_limit(),
-        nodes: Vec::with_capacity(HINT_NODES.get()),
-        dynamic: Vec::with_capacity(HINT_DYNAMIC.get()),
-        statics: Vec::with_capacity(HINT_STATIC.get()),
-        mask: Vec::with_capacity(HINT_LEAVES.get()),
-        pending: None,
-    };
+    let mut f = Flattener::new(py, g, is_leaf);
+    f.predicate = predicate.cloned();
     if let Err(stop) = f.run(tree) {
         return Err(errors::flatten_failed(py, tree, is_leaf, stop));
     }

@@ -20,6 +20,7 @@ use pyo3::prelude::*;
 mod classify;
 mod dispatch;
 mod errors;
+mod filters;
 mod flatten;
 mod key;
 mod rebuild;
@@ -82,5 +83,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(is_array, m)?)?;
     m.add_function(wrap_pyfunction!(partition, m)?)?;
     m.add_function(wrap_pyfunction!(rebuild_tree, m)?)?;
+    filters::register(m)?;
     Ok(())
 }

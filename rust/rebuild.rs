@@ -78,27 +78,36 @@ pub fn rebuild<'py>(
     }
     let dynamic = Leaves::of(dynamic)?;
     let statics = Leaves::of(&statics)?;
-    let g = classify::globals(py)?;
-
-    let mut agenda: Vec<Bound<'py, PyAny>> = Vec::with_capacity(16);
     let (mut leaf, mut next_dynamic, mut next_static) = (0usize, 0usize, 0usize);
-    for node in &key.nodes {
+    unflatten(py, &key.nodes, || {
+        let is_dynamic = key.mask.get(leaf).copied().unwrap_or(false);
+        leaf += 1;
+        if is_dynamic {
+            next_dynamic += 1;
+            dynamic.get(next_dynamic - 1)
+        } else {
+            next_static += 1;
+            statics.get(next_static - 1)
+        }
+    })
+}
+
+/// Build the tree described by `nodes` (post-order), taking each leaf from `next_leaf`,
+/// called once per leaf in order.
+pub(crate) fn unflatten<'py>(
+    py: Python<'py>,
+    nodes: &[Node],
+    mut next_leaf: impl FnMut() -> PyResult<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let g = classify::globals(py)?;
+    let mut agenda: Vec<Bound<'py, PyAny>> = Vec::with_capacity(16);
+    for node in nodes {
         let arity = node.arity();
         if arity > agenda.len() {
             return Err(PyRuntimeError::new_err("filterjax: corrupt StaticKey"));
         }
         let built = match node {
-            Node::Leaf => {
-                let is_dynamic = key.mask.get(leaf).copied().unwrap_or(false);
-                leaf += 1;
-                if is_dynamic {
-                    next_dynamic += 1;
-                    dynamic.get(next_dynamic - 1)?
-                } else {
-                    next_static += 1;
-                    statics.get(next_static - 1)?
-                }
-            }
+            Node::Leaf => next_leaf()?,
             Node::None => py.None().into_bound(py),
             Node::Tuple(n) => children_tuple(py, &mut agenda, *n)?.into_any(),
             Node::List(n) => {

@@ -190,3 +190,64 @@ def test_rebuild_wrong_lengths():
         lambda: _native.rebuild(key, dynamic, statics[:1]), objects, expect=ValueError
     )
     assert_refcounts_stable(lambda: _native.rebuild("nope", dynamic), objects, expect=TypeError)
+
+
+# --------------------------------------------------------------------------------------------
+# The filtering helpers: tree_partition, tree_filter, tree_combine, tree_apply_updates
+# --------------------------------------------------------------------------------------------
+
+
+def test_filter_helpers_success():
+    tree, arrays, statics = _tree()
+    is_array = _native.is_array  # an unknown callable: called per leaf
+    replace = Tag("replace")
+    spec = {"x": (True, is_array), "y": False, "z": is_array}
+    is_leaf = lambda x: isinstance(x, Node)  # noqa: E731
+    objects = [tree, tree["x"], tree["y"], *arrays, *statics, is_array, replace, is_leaf, spec]
+    assert_refcounts_stable(lambda: _native.tree_partition(tree, is_array), objects)
+    assert_refcounts_stable(lambda: _native.tree_partition(tree, True, replace), objects)
+    assert_refcounts_stable(lambda: _native.tree_partition(tree, spec, None, is_leaf), objects)
+    assert_refcounts_stable(lambda: _native.tree_filter(tree, spec, True, replace), objects)
+    left, right = _native.tree_partition(tree, is_array)
+    objects += [left, right]
+    assert_refcounts_stable(lambda: _native.tree_combine((left, right)), objects)
+    assert_refcounts_stable(lambda: _native.tree_combine((right, left, tree), is_leaf), objects)
+    updates = {"x": (np.ones(2), None), "y": None, "z": None}
+    model = {"x": (arrays[0], statics[0]), "y": tree["y"], "z": statics[2]}
+    objects += [updates, model]
+    assert_refcounts_stable(lambda: _native.tree_apply_updates(model, updates), objects)
+
+
+def test_filter_helpers_errors():
+    tree, arrays, statics = _tree()
+
+    def bad_predicate(x):
+        raise KeyError("predicate")
+
+    loop = [statics[0]]
+    loop.append(loop)
+    not_prefix = {"x": [True, True], "y": True, "z": True}
+    raising = [statics[1], Raising()]
+    objects = [tree, *arrays, *statics, bad_predicate, loop, not_prefix, raising]
+    assert_refcounts_stable(
+        lambda: _native.tree_partition(tree, bad_predicate), objects, expect=KeyError
+    )
+    assert_refcounts_stable(
+        lambda: _native.tree_filter(tree, {"x": bad_predicate, "y": True, "z": True}),
+        objects,
+        expect=KeyError,
+    )
+    assert_refcounts_stable(
+        lambda: _native.tree_partition(tree, not_prefix), objects, expect=ValueError
+    )
+    assert_refcounts_stable(lambda: _native.tree_filter(tree, "x"), objects, expect=ValueError)
+    assert_refcounts_stable(lambda: _native.tree_filter(loop, True), objects, expect=ValueError)
+    assert_refcounts_stable(
+        lambda: _native.tree_combine((tree, raising)), objects, expect=ValueError
+    )
+    assert_refcounts_stable(
+        lambda: _native.tree_combine((raising, tree)), objects, expect=ZeroDivisionError
+    )
+    assert_refcounts_stable(
+        lambda: _native.tree_apply_updates(tree, not_prefix), objects, expect=ValueError
+    )

@@ -19,6 +19,10 @@ __all__ = [
     "is_array_fast",
     "StaticKey",
     "Dispatcher",
+    "tree_partition",
+    "tree_filter",
+    "tree_combine",
+    "tree_apply_updates",
 ]
 
 _BUILD_HINT = (
@@ -60,6 +64,10 @@ rebuild: Callable[..., Any]
 is_array_fast: Callable[[Any], bool]
 StaticKey: type
 Dispatcher: type
+tree_partition: Callable[..., tuple[Any, Any]]
+tree_filter: Callable[..., Any]
+tree_combine: Callable[..., Any]
+tree_apply_updates: Callable[[Any, Any], Any]
 
 
 def set_backend(name: str) -> None:
@@ -92,12 +100,17 @@ def backend() -> str:
 
 def _install(core: ModuleType) -> None:
     global _core, partition, rebuild, is_array_fast, StaticKey, Dispatcher
+    global tree_partition, tree_filter, tree_combine, tree_apply_updates
     _core = core
     partition = core.partition
     rebuild = core.rebuild
     is_array_fast = core.is_array
     StaticKey = core.StaticKey
     Dispatcher = core.Dispatcher
+    tree_partition = core.tree_partition
+    tree_filter = core.tree_filter
+    tree_combine = core.tree_combine
+    tree_apply_updates = core.tree_apply_updates
 
 
 _install(_choose())

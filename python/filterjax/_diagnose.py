@@ -122,3 +122,130 @@ def raise_flatten_error(tree: Any, is_leaf: Any, original: BaseException | None)
     if original is not None:
         raise original
     raise RuntimeError("filterjax: flattening failed but no cause could be found")
+
+
+# --------------------------------------------------------------------------------------------
+# The filtering helpers (`partition`, `filter`, `combine`, `apply_updates`): error paths shared
+# by both backends
+# --------------------------------------------------------------------------------------------
+
+_STRUCTURE_LEADS = {
+    "filter_spec": "filter_spec must be a PyTree prefix of the PyTree being filtered",
+    "combine": "combine: every PyTree must have the structure of the first (up to its None "
+    "leaves, which may stand for whole subtrees)",
+    "updates": "apply_updates: updates must be a PyTree prefix of the model (None stands for "
+    "a whole subtree)",
+}
+
+
+def _node_signature(node: Any, registry: dict) -> tuple[str, Any, list, list] | None:
+    """(kind, node data, children, key entries) of a PyTree node; None for a leaf."""
+    import jax.tree_util as jtu
+
+    kind = type(node)
+    if node is None:
+        return "None", None, [], []
+    if kind is tuple or kind is list:
+        return kind.__name__, None, list(node), [jtu.SequenceKey(i) for i in range(len(node))]
+    if kind is dict:
+        keys = sorted(node)
+        return "dict", keys, [node[k] for k in keys], [jtu.DictKey(k) for k in keys]
+    if kind is OrderedDict:
+        keys = list(node)
+        return "OrderedDict", keys, [node[k] for k in keys], [jtu.DictKey(k) for k in keys]
+    if kind is defaultdict:
+        keys = sorted(node)
+        data = (node.default_factory, keys)
+        return "defaultdict", data, [node[k] for k in keys], [jtu.DictKey(k) for k in keys]
+    entry = registry.get(kind)
+    if entry is not None:
+        children, aux = entry.to_iter(node)
+        children = list(children)
+        keys = [jtu.FlattenedIndexKey(i) for i in range(len(children))]
+        return describe_type(kind), aux, children, keys
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return describe_type(kind), None, list(node), [jtu.GetAttrKey(f) for f in node._fields]
+    return None
+
+
+def _describe_node(sig: tuple | None, node: Any) -> str:
+    if sig is None:
+        return f"a leaf of type {describe_type(type(node))}"
+    if sig[0] == "None":
+        return "None"
+    return f"a {sig[0]} node with {len(sig[2])} children"
+
+
+def raise_structure_error(
+    kind: str, prefix: Any, tree: Any, is_leaf: Any, index: int, original: BaseException
+) -> NoReturn:
+    """`tree` does not match `prefix` (a PyTree prefix of it): raise a `ValueError` naming the
+    first place where they differ, as `jax.tree_util`'s `flatten_up_to` sees it.
+
+    `kind` is "filter_spec" (None in `prefix` is a node), "combine" (None and `is_leaf`
+    nodes of `prefix` are leaves; `tree` is the `index`-th PyTree) or "updates" (None is a
+    leaf). If no difference is found, `original` is re-raised.
+    """
+    registry = _registry()
+    none_is_leaf = kind != "filter_spec"
+    lead = _STRUCTURE_LEADS[kind]
+    if kind == "combine":
+        lead = f"{lead}; PyTree #{index} does not"
+    stack: list[tuple[Any, Any, list]] = [(prefix, tree, [])]
+    while stack:
+        p, t, path = stack.pop()
+        where = format_path(tuple(path))
+        if (p is None and none_is_leaf) or (is_leaf is not None and p is not None and is_leaf(p)):
+            continue
+        try:
+            mine = _node_signature(p, registry)
+        except Exception:
+            raise original from None
+        if mine is None:
+            continue
+        try:
+            theirs = _node_signature(t, registry)
+        except Exception as err:
+            err.add_note(
+                f"filterjax: raised by the flatten function of PyTree node type "
+                f"{describe_type(type(t))} at {where}"
+            )
+            raise
+        problem = None
+        if theirs is None or type(p) is not type(t):
+            problem = f"expected {_describe_node(mine, p)}, got {_describe_node(theirs, t)}"
+        elif len(mine[2]) != len(theirs[2]):
+            problem = f"expected {_describe_node(mine, p)}, got one with {len(theirs[2])} children"
+        else:
+            try:
+                differs = bool(mine[1] != theirs[1])
+            except Exception:
+                differs = True
+            if differs:
+                problem = (
+                    f"the {mine[0]} node data differ: expected {mine[1]!r:.200}, "
+                    f"got {theirs[1]!r:.200}"
+                )
+        if problem is not None or theirs is None:
+            raise ValueError(f"{lead}: at {where}, {problem}.") from original
+        for p_child, t_child, key in zip(
+            reversed(mine[2]), reversed(theirs[2]), reversed(mine[3]), strict=True
+        ):
+            stack.append((p_child, t_child, path + [key]))
+    raise original
+
+
+def bad_filter_spec(spec: Any) -> ValueError:
+    """The error for a filter_spec leaf that is neither a bool nor a callable."""
+    return ValueError(
+        "filter_spec must consist of booleans and callables only, got "
+        f"{type(spec).__name__}: {spec!r:.100}"
+    )
+
+
+def note_predicate_error(err: BaseException, tree: Any, index: int, is_leaf: Any) -> None:
+    """Name the leaf on which a filter_spec callable raised (the error itself is kept)."""
+    from ._errors import leaf_path
+
+    where = format_path(leaf_path(tree, index, is_leaf))
+    err.add_note(f"filterjax: raised by the filter_spec callable on the leaf at {where}")

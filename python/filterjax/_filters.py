@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import numpy as np
 
 from . import _backend
@@ -132,43 +131,6 @@ class if_array:
         return f"if_array(axis={self.axis!r})"
 
 
-def _mask_tree(filter_spec: Any, pytree: Any, is_leaf) -> Any:
-    """Expand a filter_spec (a prefix of `pytree`) into one bool per leaf of `pytree`."""
-
-    def expand(spec, subtree):
-        if isinstance(spec, bool):
-            return jtu.tree_map(lambda _: spec, subtree, is_leaf=is_leaf)
-        if callable(spec):
-            return jtu.tree_map(spec, subtree, is_leaf=is_leaf)
-        raise ValueError(
-            "filter_spec must consist of booleans and callables only, got "
-            f"{type(spec).__name__}: {spec!r:.100}"
-        )
-
-    return jtu.tree_map(expand, filter_spec, pytree)
-
-
-def _leaf_masks(pytree: Any, filter_spec: Any, is_leaf) -> tuple[list, list[bool], Any]:
-    """Flatten `pytree` and return (leaves, one bool per leaf, treedef)."""
-    treedef: Any  # jaxlib ships no stub for PyTreeDef
-    leaves, treedef = jtu.tree_flatten(pytree, is_leaf=is_leaf)
-    if isinstance(filter_spec, bool):
-        masks = [filter_spec] * len(leaves)
-    elif callable(filter_spec) and not _is_registered_node(filter_spec):
-        masks = [bool(filter_spec(leaf)) for leaf in leaves]
-    else:
-        mask_tree = _mask_tree(filter_spec, pytree, is_leaf)
-        masks = [bool(m) for m in treedef.flatten_up_to(mask_tree)]
-    return leaves, masks, treedef
-
-
-def _is_registered_node(obj: Any) -> bool:
-    # A callable PyTree (e.g. an Equinox Module with __call__) used as a filter_spec is a
-    # prefix tree of specs, not a single predicate.
-    leaves = jtu.tree_leaves(obj)
-    return not (len(leaves) == 1 and leaves[0] is obj)
-
-
 def filter(
     pytree: Any,
     filter_spec: Any,
@@ -203,9 +165,7 @@ def filter(
 
     ```
     """
-    leaves, masks, treedef = _leaf_masks(pytree, filter_spec, is_leaf)
-    kept = [leaf if keep ^ inverse else replace for leaf, keep in zip(leaves, masks, strict=True)]
-    return treedef.unflatten(kept)
+    return _backend.tree_filter(pytree, filter_spec, inverse, replace, is_leaf)
 
 
 def partition(
@@ -232,17 +192,7 @@ def partition(
 
     ```
     """
-    leaves, masks, treedef = _leaf_masks(pytree, filter_spec, is_leaf)
-    left = [leaf if keep else replace for leaf, keep in zip(leaves, masks, strict=True)]
-    right = [replace if keep else leaf for leaf, keep in zip(leaves, masks, strict=True)]
-    return treedef.unflatten(left), treedef.unflatten(right)
-
-
-def _first_not_none(*leaves: Any) -> Any:
-    for leaf in leaves:
-        if leaf is not None:
-            return leaf
-    return None
+    return _backend.tree_partition(pytree, filter_spec, replace, is_leaf)
 
 
 def combine(*pytrees: Any, is_leaf: Callable[[Any], bool] | None = None) -> Any:
@@ -264,19 +214,7 @@ def combine(*pytrees: Any, is_leaf: Callable[[Any], bool] | None = None) -> Any:
 
     ```
     """
-    if is_leaf is None:
-        leaf_test = _is_none
-    else:
-        leaf_test = lambda x: x is None or is_leaf(x)  # noqa: E731
-    return jtu.tree_map(_first_not_none, *pytrees, is_leaf=leaf_test)
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
-def _add_update(update: Any, leaf: Any) -> Any:
-    return leaf if update is None else leaf + update
+    return _backend.tree_combine(pytrees, is_leaf)
 
 
 def apply_updates(model: Any, updates: Any) -> Any:
@@ -307,4 +245,4 @@ def apply_updates(model: Any, updates: Any) -> Any:
 
     ```
     """
-    return jtu.tree_map(_add_update, updates, model, is_leaf=_is_none)
+    return _backend.tree_apply_updates(model, updates)

@@ -6,7 +6,18 @@ Same functions, same results and same errors as the pure-Python core; only faste
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal, final
 
-__all__ = ["BACKEND", "Dispatcher", "StaticKey", "is_array", "partition", "rebuild"]
+__all__ = [
+    "BACKEND",
+    "Dispatcher",
+    "StaticKey",
+    "is_array",
+    "partition",
+    "rebuild",
+    "tree_apply_updates",
+    "tree_combine",
+    "tree_filter",
+    "tree_partition",
+]
 
 BACKEND: Final[Literal["native"]]
 """Name of this core implementation, as reported by `filterjax._backend.backend()`."""
@@ -141,3 +152,47 @@ class Dispatcher:
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any: ...
     def __get__(self, instance: Any, owner: type | None = None) -> Any: ...
+
+def tree_partition(
+    pytree: Any,
+    filter_spec: Any,
+    replace: Any = None,
+    is_leaf: Callable[[Any], bool | None] | None = None,
+) -> tuple[Any, Any]:
+    """`equinox.partition(pytree, filter_spec, replace, is_leaf)`: `(matching, rest)`.
+
+    `filter_spec` is a bool, a callable `leaf -> truthy` (`filterjax.is_array` and
+    `equinox.is_array` run natively, without a call per leaf), or a PyTree prefix of `pytree`
+    with those as leaves (its own structure is matched as `PyTreeDef.flatten_up_to` does,
+    then each subtree is flattened with `is_leaf`). The outputs have the structure of
+    `pytree` (of `filter_spec` down to its leaves) and the very same leaf objects, `replace`
+    where a leaf went to the other side.
+
+    **Raises:** `ValueError` naming the path for a filter_spec that is not a prefix of
+    `pytree` or has a leaf that is neither a bool nor a callable; what a callable raises, with
+    a note naming the leaf; flatten errors as `partition` raises them.
+    """
+
+def tree_filter(
+    pytree: Any,
+    filter_spec: Any,
+    inverse: Any = False,
+    replace: Any = None,
+    is_leaf: Callable[[Any], bool | None] | None = None,
+) -> Any:
+    """`equinox.filter(...)`: one side of `tree_partition` (the other with `inverse`)."""
+
+def tree_combine(
+    pytrees: tuple[Any, ...], is_leaf: Callable[[Any], bool | None] | None = None
+) -> Any:
+    """`equinox.combine(*pytrees, is_leaf=is_leaf)`.
+
+    The first tree's structure, with None as a leaf (`is_leaf` is not asked about None); each
+    leaf is the first non-None one among the trees, whose structure must match the first's
+    up to its None leaves (which may stand for whole subtrees). `ValueError` naming the path
+    otherwise; `TypeError` for no trees.
+    """
+
+def tree_apply_updates(model: Any, updates: Any) -> Any:
+    """`equinox.apply_updates(model, updates)`: `leaf + update` where the update is not None;
+    `updates` is a prefix of `model` (None for a whole subtree)."""

@@ -7,6 +7,7 @@ module is tested against.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from types import MethodType
 from typing import Any
@@ -14,11 +15,28 @@ from typing import Any
 import jax
 import jax.tree_util as jtu
 import numpy as np
+from jax._src import tree_util as _jax_tree_util
 
-from ._diagnose import raise_flatten_error
+from ._diagnose import (
+    bad_filter_spec,
+    note_predicate_error,
+    raise_flatten_error,
+    raise_structure_error,
+)
 from ._errors import static_equality_note, unhashable_static
 
-__all__ = ["StaticKey", "Dispatcher", "partition", "rebuild", "is_array", "BACKEND"]
+__all__ = [
+    "StaticKey",
+    "Dispatcher",
+    "partition",
+    "rebuild",
+    "is_array",
+    "BACKEND",
+    "tree_partition",
+    "tree_filter",
+    "tree_combine",
+    "tree_apply_updates",
+]
 
 BACKEND = "python"
 
@@ -26,6 +44,11 @@ _ARRAY_BASES = (jax.Array, np.ndarray, np.generic)
 # type -> is it an array type. `isinstance` against the `jax.Array` ABC is slow; the answer
 # only depends on the type, so remember it.
 _array_types: dict[type, bool] = {}
+# jax's node registry (type -> flatten/unflatten); later registrations land in it too.
+_tree_registry: Any = _jax_tree_util._registry
+# The same registry with None as a leaf (as `is_leaf=lambda x: x is None`, with no Python
+# call per node).
+_none_leaf_registry: Any = _jax_tree_util.none_leaf_registry
 
 
 def is_array(leaf: Any) -> bool:
@@ -283,3 +306,155 @@ def apply_plan(plan: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | Non
     except (KeyError, IndexError):
         return None
     return bound_args, bound_kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# The filtering helpers: twins of the native `tree_partition`, `tree_filter`, `tree_combine`
+# and `tree_apply_updates` (the public `partition`, `filter`, `combine`, `apply_updates`)
+# --------------------------------------------------------------------------------------------
+
+_public_is_array: Any = None
+
+
+def _is_array_predicate(spec: Any) -> bool:
+    """Whether `spec` is `filterjax.is_array` (or Equinox's, which answers the same)."""
+    global _public_is_array
+    if spec is is_array:
+        return True
+    if _public_is_array is None:
+        from ._filters import is_array as public
+
+        _public_is_array = public
+    if spec is _public_is_array:
+        return True
+    equinox = sys.modules.get("equinox")
+    return equinox is not None and spec is getattr(equinox, "is_array", None)
+
+
+def _is_node(obj: Any) -> bool:
+    """Whether `jax.tree_util` flattens `obj` as a node (None included), not as a leaf."""
+    return type(obj) in _tree_registry or (isinstance(obj, tuple) and hasattr(obj, "_fields"))
+
+
+def _leaf_masks(leaves: list, spec: Any, tree: Any, is_leaf: Any, offset: int) -> list[bool]:
+    """One bool per leaf: `spec` (a bool or a callable filter_spec leaf) applied to each."""
+    if type(spec) is bool:
+        return [spec] * len(leaves)
+    if _is_array_predicate(spec):
+        return [is_array(leaf) for leaf in leaves]
+    masks = []
+    for index, leaf in enumerate(leaves):
+        try:
+            masks.append(bool(spec(leaf)))
+        except Exception as err:
+            note_predicate_error(err, tree, offset + index, is_leaf)
+            raise
+    return masks
+
+
+def _check_spec(spec: Any) -> None:
+    if type(spec) is not bool and not callable(spec):
+        raise bad_filter_spec(spec)
+
+
+def _split(pytree: Any, filter_spec: Any, is_leaf: Any) -> tuple[list, list[bool], Any]:
+    """(leaves, masks, rebuild) of `pytree` under `filter_spec`, as Equinox resolves it:
+    the filter_spec's own structure down to its leaves, then each subtree flattened with
+    `is_leaf`. `rebuild(new_leaves)` gives the output tree."""
+    if not _is_node(filter_spec):
+        _check_spec(filter_spec)
+        all_leaves, treedef = _flatten(pytree, is_leaf)
+        masks = _leaf_masks(all_leaves, filter_spec, pytree, is_leaf, 0)
+        return all_leaves, masks, treedef.unflatten
+    spec_leaves, spec_def = _flatten(filter_spec, None)
+    try:
+        subtrees = spec_def.flatten_up_to(pytree)
+    except Exception as err:
+        raise_structure_error("filter_spec", filter_spec, pytree, None, 0, err)
+    leaves: list = []
+    masks = []
+    defs: list[Any] = []  # jaxlib ships no stub for PyTreeDef
+    for spec, subtree in zip(spec_leaves, subtrees, strict=True):
+        _check_spec(spec)
+        try:
+            sub_leaves, sub_def = jtu.tree_flatten(subtree, is_leaf)
+        except Exception as err:
+            raise_flatten_error(pytree, is_leaf, err)
+        masks.extend(_leaf_masks(sub_leaves, spec, pytree, is_leaf, len(leaves)))
+        leaves.extend(sub_leaves)
+        defs.append(sub_def)
+
+    def rebuild_tree(new_leaves: list) -> Any:
+        parts = []
+        start = 0
+        for sub_def in defs:
+            end = start + sub_def.num_leaves
+            parts.append(sub_def.unflatten(new_leaves[start:end]))
+            start = end
+        return spec_def.unflatten(parts)
+
+    return leaves, masks, rebuild_tree
+
+
+def tree_partition(
+    pytree: Any, filter_spec: Any, replace: Any = None, is_leaf: Any = None
+) -> tuple[Any, Any]:
+    """`equinox.partition`: `(matching, rest)`, `replace` where a leaf went to the other."""
+    leaves, masks, rebuild_tree = _split(pytree, filter_spec, is_leaf)
+    left = [leaf if keep else replace for leaf, keep in zip(leaves, masks, strict=True)]
+    right = [replace if keep else leaf for leaf, keep in zip(leaves, masks, strict=True)]
+    return rebuild_tree(left), rebuild_tree(right)
+
+
+def tree_filter(
+    pytree: Any, filter_spec: Any, inverse: Any = False, replace: Any = None, is_leaf: Any = None
+) -> Any:
+    """`equinox.filter`: the leaves matching `filter_spec` (`inverse`: the others), `replace`
+    elsewhere."""
+    inverse = bool(inverse)
+    leaves, masks, rebuild_tree = _split(pytree, filter_spec, is_leaf)
+    kept = [leaf if keep != inverse else replace for leaf, keep in zip(leaves, masks, strict=True)]
+    return rebuild_tree(kept)
+
+
+def _none_or(is_leaf: Any) -> Callable[[Any], bool] | None:
+    if is_leaf is None:
+        return None
+    return lambda x: x is None or is_leaf(x)
+
+
+def tree_combine(pytrees: tuple, is_leaf: Any = None) -> Any:
+    """`equinox.combine(*pytrees, is_leaf=is_leaf)`: the first tree's structure (its None
+    leaves may stand for whole subtrees), each leaf the first non-None one."""
+    if not pytrees:
+        raise TypeError("combine needs at least one PyTree")
+    first = pytrees[0]
+    try:
+        leaves, treedef = _none_leaf_registry.flatten(first, _none_or(is_leaf))
+    except Exception as err:
+        raise_flatten_error(first, is_leaf, err)
+    for index in range(1, len(pytrees)):
+        try:
+            others = treedef.flatten_up_to(pytrees[index])
+        except Exception as err:
+            raise_structure_error("combine", first, pytrees[index], is_leaf, index, err)
+        leaves = [o if x is None else x for x, o in zip(leaves, others, strict=True)]
+    return treedef.unflatten(leaves)
+
+
+def tree_apply_updates(model: Any, updates: Any) -> Any:
+    """`equinox.apply_updates`: `model + update` where the update is not None."""
+    try:
+        deltas, treedef = _none_leaf_registry.flatten(updates, None)
+    except Exception as err:
+        raise_flatten_error(updates, None, err)
+    try:
+        leaves = treedef.flatten_up_to(model)
+    except Exception as err:
+        raise_structure_error("updates", updates, model, None, 0, err)
+    return treedef.unflatten(
+        [
+            leaf if delta is None else leaf + delta
+            for delta, leaf in zip(deltas, leaves, strict=True)
+        ]
+    )
