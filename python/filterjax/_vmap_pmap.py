@@ -148,6 +148,18 @@ def _check_no_kwargs(kwargs: dict, transform: str) -> None:
         )
 
 
+def _require_mapped_axis(transform: str, any_mapped: bool, axis_size: int | None) -> None:
+    """[issue 11] Refuse, before JAX sees it, a call where nothing gives the axis size."""
+    if any_mapped or axis_size is not None:
+        return
+    raise ValueError(
+        f"{transform}: no argument has a mapped axis (`in_axes` resolves to None for every "
+        "leaf of the arguments; only arrays can be mapped), so the size of the mapped axis "
+        f"is unknown. Pass `axis_size=...` to {transform}, or map an argument: give an "
+        "array argument an integer axis in `in_axes`."
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Error diagnosis (only run once JAX has refused the mapped inputs).
 
@@ -280,9 +292,7 @@ class _VmapWrapper:
             out = self._fun(*rebuild_args(tracers))
             return self._split_output(out, side)
 
-        if not mapped and self._axis_size is None:
-            return self._call_unbatched(args)
-
+        _require_mapped_axis("filter_vmap", bool(mapped), self._axis_size)  # [issue 11]
         jax_out_axes = self._out_axis if self._uniform_out else (0, None)
         try:
             out = jax.vmap(
@@ -333,24 +343,6 @@ class _VmapWrapper:
                 unmapped.append(leaf)
         side.append((out_key, leaves, axes))
         return mapped, unmapped
-
-    def _call_unbatched(self, args: tuple) -> Any:
-        """Nothing is mapped and no axis_size: there is no batch to vectorise over."""
-        out = self._fun(*args)
-        if self._uniform_out:
-            mapped = self._out_axis is not None and bool(
-                _backend.partition(out, None, None, False)[0]
-            )
-        else:
-            leaves, _ = _backend.partition(out, _always, None, False)
-            mapped = any(a is not None for a in _leaf_axes(self._out_axes, out, leaves, "out_axes"))
-        if mapped:
-            raise ValueError(
-                "filter_vmap cannot resolve the batch size: no input is mapped (in_axes gives "
-                "None for every leaf) and axis_size was not given, but out_axes asks for a "
-                "mapped output. Pass axis_size=..., or map an input."
-            )
-        return out
 
     def _join_output(self, info: Any, vectorised_out: Any) -> Any:
         if self._uniform_out:
@@ -638,6 +630,12 @@ class _PmapWrapper:
     def __call__(self, /, *args, **kwargs):
         _check_no_kwargs(kwargs, "filter_pmap")
         key, leaf_axes, dynamic = self._call_args(args)
+        any_mapped = bool(dynamic) and (
+            self._in_axis is not None
+            if leaf_axes is None
+            else any(axis is not None for axis in leaf_axes)
+        )
+        _require_mapped_axis("filter_pmap", any_mapped, self._axis_size)  # [issue 11]
         groups = self._groups
         cache_key = key if leaf_axes is None and groups == 4 else (key, leaf_axes, groups)
         pmapped = self._pmapped.get(cache_key)
