@@ -843,7 +843,8 @@ class filter_custom_jvp:
                     "tangent. Keyword arguments are never differentiated; pass anything "
                     "that should be differentiated positionally."
                 )
-            args, kwargs = _backend.rebuild(key, [_as_array(x) for x in dynamic])
+            # The primals as JAX gives them: a Python float stays a float (as in Equinox).
+            args, kwargs = _backend.rebuild(key, list(dynamic))
             result = fn_jvp(args, t_args, **kwargs)
             if not (isinstance(result, tuple | list) and len(result) == 2):
                 raise ValueError(
