@@ -1036,7 +1036,7 @@ def test_custom_jvp_python_float_primal_goes_through_untouched():
     out, t_out = jax.jvp(lambda x: add(x), (2.0,), (3.0,))
     assert type(out) is float and out == 5.0
     assert t_out == 3.0
-    (primals, tangents, k), = record
+    ((primals, tangents, k),) = record
     assert type(primals[0]) is float and primals[0] == 2.0
     assert tangents[0] == 3.0 and k == 3
 
@@ -1046,7 +1046,7 @@ def test_custom_jvp_python_primals_with_keyword_arguments():
     add = _custom_add(record)
     out, t_out = jax.jvp(lambda x: add(x, 2, k=4.0), (2.0,), (3.0,))
     assert type(out) is float and out == 6.0 and t_out == 3.0
-    (primals, tangents, k), = record
+    ((primals, tangents, k),) = record
     assert type(primals[0]) is float and type(primals[1]) is int and primals[1] == 2
     assert tangents[1] is None  # not an inexact value: symbolic zero
     assert type(k) is float and k == 4.0
@@ -1057,7 +1057,7 @@ def test_custom_jvp_two_python_float_primals_both_get_tangents():
     add = _custom_add(record)
     out, t_out = jax.jvp(lambda x, y: add(x, y), (2.0, 1.0), (3.0, 1.0))
     assert type(out) is float and out == 5.0
-    (primals, tangents, _), = record
+    ((primals, tangents, _),) = record
     assert [type(p) for p in primals] == [float, float]
     assert tangents == (3.0, 1.0)
 

@@ -30,7 +30,7 @@ from typing import (
 import jax
 import jax.tree_util as jtu
 
-from . import _backend, _caches
+from . import _backend, _caches, _equinox_errors
 from ._errors import UnhashableStaticError, rename_root, unhashable_message
 
 __all__ = ["filter_jit"]
@@ -176,6 +176,9 @@ class _OutputSpec:
 
 
 def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict) -> Any:
+    # [issue 11, Equinox errors] This frame is where an `eqx.error_if` stack ends: Equinox
+    # records the marker held in this local, and `_equinox_errors.translate` cuts there.
+    __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841
     out = fun(*args, **kwargs)
     out_dynamic, out_key = _backend.partition(out, hashed=False)
     if out_key.num_static == 0:
@@ -266,6 +269,7 @@ class _JitState:
         self.split_first = donate in ("all-except-first", "warn-except-first")
         self.silence_unused_donation = donate in ("all", "all-except-first")
         self.dispatcher_ref: weakref.ref | None = None
+        self.equinox = False  # [issue 11] all calls take call_slow (Equinox imported)
         self._setup()
 
     def _setup(self) -> None:
@@ -306,8 +310,17 @@ class _JitState:
     def _dispatch_options(self) -> dict:
         return {
             "leading": self.fun_dynamic or None,
-            "fast": not (self.split_first or self.silence_unused_donation),
+            "fast": not (self.split_first or self.silence_unused_donation or self.equinox),
         }
+
+    def _watch_equinox_errors(self) -> None:
+        """[issue 11, Equinox errors] Once Equinox is imported, send every call down
+        `call_slow`, where an Equinox run-time error is translated (the native fast path
+        raises JAX's error as it is)."""
+        self.equinox = True
+        dispatcher = self.dispatcher_ref() if self.dispatcher_ref is not None else None
+        if dispatcher is not None:
+            dispatcher.reset(self.jitted, self.plans, **self._dispatch_options())
 
     def _clear_cache(self) -> None:
         self.jitted.clear_cache()
@@ -354,6 +367,8 @@ class _JitState:
     def call_slow(self, args: tuple, kwargs: dict) -> Any:
         """A call off the Dispatcher's fast path: first of its shape, donation modes, errors."""
         jit_args = self.jit_arguments(args, kwargs)
+        if not self.equinox and _equinox_errors.watching():  # [issue 11, Equinox errors]
+            self._watch_equinox_errors()
         try:
             if self.silence_unused_donation:
                 with warnings.catch_warnings():
@@ -361,10 +376,15 @@ class _JitState:
                     out = self.jitted(*jit_args)
             else:
                 out = self.jitted(*jit_args)
-        except ValueError as err:
-            if str(err).startswith(JAX_STATIC_EQ_ERROR):
+        except Exception as err:
+            if isinstance(err, ValueError) and str(err).startswith(JAX_STATIC_EQ_ERROR):
                 raise _static_comparison_error(args, kwargs, err) from err
+            translated = _equinox_errors.translate(err)  # [issue 11, Equinox errors]
+            if translated is not None:
+                raise translated from None
             raise
+        if not self.equinox and _equinox_errors.watching():  # imported while tracing
+            self._watch_equinox_errors()
         return _rebuild_output(out)
 
     def lower(self, /, *args: Any, **kwargs: Any) -> Lowered:
@@ -452,7 +472,14 @@ class Compiled(Generic[_T]):
                 "called with. Lower and compile again for these arguments, or call the "
                 "filter_jit function itself (which compiles as needed)."
             )
-        return _rebuild_output(self._compiled(*dynamic))
+        try:
+            out = self._compiled(*dynamic)
+        except Exception as err:
+            translated = _equinox_errors.translate(err)  # [issue 11, Equinox errors]
+            if translated is not None:
+                raise translated from None
+            raise
+        return _rebuild_output(out)
 
 
 @overload

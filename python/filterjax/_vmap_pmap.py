@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from . import _backend, _caches
+from . import _backend, _caches, _equinox_errors
 from ._errors import UnhashableStaticError, format_path
 from ._filters import if_array
 from ._jit import (
@@ -582,6 +582,7 @@ class _PmapWrapper:
         uniform_out, out_axis, out_axes = self._uniform_out, self._out_axis, self._out_axes
 
         def parallelised(leaves):
+            __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841 [issue 11]
             fun_dynamic, dynamic, _ = leaves
             fun = _backend.rebuild(fun_key, fun_dynamic)
             args = _backend.rebuild(key, list(dynamic))
@@ -658,11 +659,23 @@ class _PmapWrapper:
         return _ungroup_output(out)
 
     def _run(self, pmapped, dynamic):
-        if self._silence_unused_donation:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
-                return pmapped((self._fun_dynamic, dynamic, self._dummy))
-        return pmapped((self._fun_dynamic, dynamic, self._dummy))
+        try:
+            if self._silence_unused_donation:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
+                    out = pmapped((self._fun_dynamic, dynamic, self._dummy))
+            else:
+                out = pmapped((self._fun_dynamic, dynamic, self._dummy))
+            if _equinox_errors.watching():
+                # [issue 11] Devices run asynchronously: wait, so that a failed
+                # `eqx.error_if` is raised by this call rather than when `out` is used.
+                jax.block_until_ready(out)
+            return out
+        except Exception as err:
+            translated = _equinox_errors.translate(err)  # [issue 11, Equinox errors]
+            if translated is None:
+                raise
+            raise translated from None
 
     def _diagnose(self, args, key, leaf_axes, dynamic) -> ValueError | None:
         indices = [i for i, m in enumerate(key.mask) if m]
