@@ -1085,3 +1085,9 @@ def test_custom_jvp_arrays_stay_arrays_and_match_equinox():
         (ours_out, theirs_out), (ours_t, theirs_t) = jax.jvp(fun, primals, tangents)
         assert type(ours_out) is type(theirs_out) and ours_out == theirs_out
         assert type(ours_t) is type(theirs_t) and ours_t == theirs_t
+
+
+def test_custom_jvp_defjvps_is_not_implemented_as_in_equinox():
+    f = fj.filter_custom_jvp(lambda x: x)
+    with pytest.raises(NotImplementedError, match="def_jvp"):
+        f.defjvps(lambda t, ans, x: t)

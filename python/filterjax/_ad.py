@@ -868,6 +868,13 @@ class filter_custom_jvp:
         self.def_jvp(with_zeros)
         return fn_jvp
 
+    def defjvps(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported (as in Equinox): register one rule with `def_jvp`."""
+        raise NotImplementedError(
+            "`filter_custom_jvp.defjvps` is not implemented; register the rule for all "
+            "arguments at once with `def_jvp`."
+        )
+
     def __call__(self, /, *args, **kwargs):
         dynamic, key = _backend.partition((args, kwargs), None, None, False)
         return self._custom(key, dynamic)
