@@ -40,6 +40,9 @@ pub struct Dispatcher {
     /// The wrapped function's own array leaves, passed first to every program.
     leading: Py<PyTuple>,
     fast: bool,
+    /// `on_error(exception)`: the exception to raise instead of one a program raised, or
+    /// None. Called only on that error path.
+    on_error: Option<Py<PyAny>>,
 }
 
 static METHOD_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -98,11 +101,25 @@ fn apply_plan<'py>(
     Ok(Some((PyTuple::new(py, bound_args)?, bound_kwargs)))
 }
 
+impl Dispatcher {
+    /// What `on_error` makes of an error a program raised (the error itself if it has
+    /// no answer, or if asking it fails).
+    fn translate(&self, py: Python<'_>, err: PyErr) -> PyErr {
+        let Some(on_error) = &self.on_error else {
+            return err;
+        };
+        match on_error.bind(py).call1((err.value(py),)) {
+            Ok(replacement) if !replacement.is_none() => PyErr::from_value(replacement),
+            _ => err,
+        }
+    }
+}
+
 #[pymethods]
 impl Dispatcher {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (plans, programs, identity_plan, fallback, output_spec, leading=None, fast=Truthy(true)))]
+    #[pyo3(signature = (plans, programs, identity_plan, fallback, output_spec, leading=None, fast=Truthy(true), on_error=None))]
     fn new(
         py: Python<'_>,
         plans: Bound<'_, PyDict>,
@@ -112,6 +129,7 @@ impl Dispatcher {
         output_spec: Py<PyAny>,
         leading: Option<&Bound<'_, PyAny>>,
         fast: Truthy,
+        on_error: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let leading = match leading.filter(|l| !l.is_none()) {
             Some(l) => match l.cast_exact::<PyTuple>() {
@@ -128,6 +146,7 @@ impl Dispatcher {
             output_spec,
             leading: leading.unbind(),
             fast: fast.0,
+            on_error: on_error.filter(|f| !f.is_none(py)),
         })
     }
 
@@ -203,7 +222,10 @@ impl Dispatcher {
                 PyTuple::new(py, items)?
             }
         };
-        let out = program.call1(flat)?;
+        let out = match program.call1(flat) {
+            Ok(out) => out,
+            Err(err) => return Err(self.translate(py, err)),
+        };
         if let Ok(dict) = out.cast_exact::<PyDict>() {
             if dict.len() == 1 {
                 if let Some((spec, leaves)) = dict.iter().next() {
@@ -241,6 +263,9 @@ impl Dispatcher {
         visit.call(&self.fallback)?;
         visit.call(&self.output_spec)?;
         visit.call(&self.leading)?;
+        if let Some(on_error) = &self.on_error {
+            visit.call(on_error)?;
+        }
         Ok(())
     }
 }

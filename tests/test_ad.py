@@ -1014,3 +1014,81 @@ def test_checkpoint_unhashable_static_is_a_clear_error():
     ck = fj.filter_checkpoint(lambda x, u: x)
     with pytest.raises(fj.UnhashableStaticError):
         ck(jnp.array(1.0), Unhashable())
+
+
+# Issue 11, gap 3: non-array primals reach the rule as given, and the primal output keeps
+# their type (as in Equinox).
+def _custom_add(record):
+    @fj.filter_custom_jvp
+    def add(x, y=1.0, *, k=3):
+        return x + k
+
+    @add.def_jvp
+    def add_jvp(primals, tangents, *, k=3):
+        record.append((primals, tangents, k))
+        return add(*primals, k=k), tangents[0]
+
+    return add
+
+
+def test_custom_jvp_python_float_primal_goes_through_untouched():
+    record = []
+    add = _custom_add(record)
+    out, t_out = jax.jvp(lambda x: add(x), (2.0,), (3.0,))
+    assert type(out) is float and out == 5.0
+    assert t_out == 3.0
+    ((primals, tangents, k),) = record
+    assert type(primals[0]) is float and primals[0] == 2.0
+    assert tangents[0] == 3.0 and k == 3
+
+
+def test_custom_jvp_python_primals_with_keyword_arguments():
+    record = []
+    add = _custom_add(record)
+    out, t_out = jax.jvp(lambda x: add(x, 2, k=4.0), (2.0,), (3.0,))
+    assert type(out) is float and out == 6.0 and t_out == 3.0
+    ((primals, tangents, k),) = record
+    assert type(primals[0]) is float and type(primals[1]) is int and primals[1] == 2
+    assert tangents[1] is None  # not an inexact value: symbolic zero
+    assert type(k) is float and k == 4.0
+
+
+def test_custom_jvp_two_python_float_primals_both_get_tangents():
+    record = []
+    add = _custom_add(record)
+    out, t_out = jax.jvp(lambda x, y: add(x, y), (2.0, 1.0), (3.0, 1.0))
+    assert type(out) is float and out == 5.0
+    ((primals, tangents, _),) = record
+    assert [type(p) for p in primals] == [float, float]
+    assert tangents == (3.0, 1.0)
+
+
+def test_custom_jvp_arrays_stay_arrays_and_match_equinox():
+    record = []
+    add = _custom_add(record)
+    out, t_out = jax.jvp(lambda x: add(x), (jnp.array(2.0),), (jnp.array(3.0),))
+    assert isinstance(out, jax.Array) and float(out) == 5.0
+    assert isinstance(record[-1][0][0], jax.Array)
+
+    @eqx.filter_custom_jvp
+    def theirs(x, y=1.0, *, k=3):
+        return x + k
+
+    @theirs.def_jvp
+    def theirs_jvp(primals, tangents, *, k=3):
+        return theirs(*primals, k=k), tangents[0]
+
+    for fun, primals, tangents in [
+        (lambda x: (add(x), theirs(x)), (2.0,), (3.0,)),
+        (lambda x: (add(x, 2, k=4.0), theirs(x, 2, k=4.0)), (2.0,), (3.0,)),
+        (lambda x: (add(x), theirs(x)), (jnp.array(2.0),), (jnp.array(1.0),)),
+    ]:
+        (ours_out, theirs_out), (ours_t, theirs_t) = jax.jvp(fun, primals, tangents)
+        assert type(ours_out) is type(theirs_out) and ours_out == theirs_out
+        assert type(ours_t) is type(theirs_t) and ours_t == theirs_t
+
+
+def test_custom_jvp_defjvps_is_not_implemented_as_in_equinox():
+    f = fj.filter_custom_jvp(lambda x: x)
+    with pytest.raises(NotImplementedError, match="def_jvp"):
+        f.defjvps(lambda t, ans, x: t)

@@ -133,3 +133,49 @@ def test_programs_kept_per_static_signature_are_bounded(monkeypatch):
     for k in range(6):
         np.testing.assert_allclose(f(x, k), k * np.ones((jax.local_device_count(), 2)))
     assert len(f._state[0].pmapped) == 3
+
+
+# Issue 11, gap 2: no mapped axis and no axis_size is a clear error, raised before JAX.
+@pytest.mark.parametrize(
+    ("kwargs", "args"),
+    [
+        ({}, (2.0, "label")),  # default if_array(0), no array arguments
+        ({}, ()),  # no arguments at all
+        ({"in_axes": 0}, (2.0,)),  # an int axis maps arrays only
+        ({"in_axes": None}, (jnp.arange(float(N)),)),
+        ({"in_axes": (None, None)}, (jnp.arange(float(N)), jnp.ones(2))),
+        ({"in_axes": {"y": None}}, (1.0, jnp.arange(float(N)))),
+    ],
+)
+def test_nothing_mapped_without_axis_size_is_a_value_error(kwargs, args):
+    calls = []
+
+    def f(*xs):
+        calls.append(xs)
+        return jnp.zeros(2)
+
+    def g(x=None, y=None):
+        calls.append((x, y))
+        return jnp.zeros(2)
+
+    fun = g if isinstance(kwargs.get("in_axes"), dict) else f
+    with pytest.raises(ValueError, match=r"no argument has a mapped axis") as info:
+        fj.filter_pmap(fun, **kwargs)(*args)
+    message = str(info.value)
+    assert "filter_pmap" in message and "axis_size=" in message and "in_axes" in message
+    assert calls == []  # refused before tracing
+    # Passing axis_size, as the message says, works.
+    assert fj.filter_pmap(fun, **kwargs, axis_size=N)(*args).shape == (N, 2)
+
+
+def test_fun_arrays_alone_do_not_count_as_mapped():
+    # Arrays held by `fun` (a bound method of a Module) are broadcast, never mapped.
+    class Scale(eqx.Module):
+        w: jax.Array
+
+        def __call__(self, s):
+            return self.w * s
+
+    with pytest.raises(ValueError, match="no argument has a mapped axis"):
+        fj.filter_pmap(Scale(jnp.ones(2)))(3.0)
+    assert fj.filter_pmap(Scale(jnp.ones(2)))(jnp.arange(float(N))).shape == (N, 2)

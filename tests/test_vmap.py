@@ -105,8 +105,9 @@ def test_axis_name_and_axis_size():
     assert g(2.0).shape == (3, 2)
     with pytest.raises(ValueError, match="axis_size"):
         fj.filter_vmap(lambda s: jnp.ones(2) * s)(2.0)
-    # nothing mapped, nothing to map out: just calls the function
-    assert fj.filter_vmap(lambda s: s + 1)(2) == 3
+    # nothing mapped and no axis_size: refused even when nothing is mapped out (issue 11)
+    with pytest.raises(ValueError, match="axis_size"):
+        fj.filter_vmap(lambda s: s + 1)(2)
 
 
 def test_errors_name_the_leaves():
@@ -152,3 +153,42 @@ def test_nested_and_under_jit():
 def test_non_array_leaf_with_int_axis_is_a_clear_error():
     with pytest.raises(ValueError, match=r"args\[1\].*not an array"):
         fj.filter_vmap(lambda x, s: x, in_axes=(0, 0))(jnp.ones(3), "s")
+
+
+# Issue 11, gap 2: no mapped axis and no axis_size is a clear error, raised before JAX.
+@pytest.mark.parametrize(
+    ("kwargs", "args"),
+    [
+        ({}, (2.0, "label")),  # default if_array(0), no array arguments
+        ({}, ()),  # no arguments at all
+        ({"in_axes": None}, (jnp.arange(3.0),)),
+        ({"in_axes": (None, None)}, (jnp.arange(3.0), jnp.ones(2))),
+        ({"in_axes": {"y": None}}, (1.0, jnp.arange(3.0))),
+        ({"in_axes": fj.if_array(0)}, ({"a": 1, "b": None},)),
+    ],
+)
+def test_nothing_mapped_without_axis_size_is_a_value_error(kwargs, args):
+    calls = []
+
+    def f(*xs):
+        calls.append(xs)
+        return jnp.zeros(2)
+
+    def g(x=None, y=None):
+        calls.append((x, y))
+        return jnp.zeros(2)
+
+    fun = g if isinstance(kwargs.get("in_axes"), dict) else f
+    with pytest.raises(ValueError, match=r"no argument has a mapped axis") as info:
+        fj.filter_vmap(fun, **kwargs)(*args)
+    message = str(info.value)
+    assert "filter_vmap" in message and "axis_size=" in message and "in_axes" in message
+    assert calls == []  # refused before tracing
+    # The fixes the message names both work.
+    out = fj.filter_vmap(fun, **kwargs, axis_size=4)(*args)
+    assert out.shape == (4, 2)
+
+
+def test_one_mapped_leaf_is_enough():
+    f = fj.filter_vmap(lambda x, s: x * s, in_axes=(0, None))
+    np.testing.assert_allclose(f(jnp.arange(3.0), 2.0), [0.0, 2.0, 4.0])

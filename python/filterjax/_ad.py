@@ -814,7 +814,8 @@ class filter_custom_jvp:
                     "tangent. Keyword arguments are never differentiated; pass anything "
                     "that should be differentiated positionally."
                 )
-            args, kwargs = _backend.rebuild(key, [_as_array(x) for x in dynamic])
+            # The primals as JAX gives them: a Python float stays a float (as in Equinox).
+            args, kwargs = _backend.rebuild(key, list(dynamic))
             result = fn_jvp(args, t_args, **kwargs)
             if not (isinstance(result, tuple | list) and len(result) == 2):
                 raise ValueError(
@@ -837,6 +838,13 @@ class filter_custom_jvp:
 
         self.def_jvp(with_zeros)
         return fn_jvp
+
+    def defjvps(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported (as in Equinox): register one rule with `def_jvp`."""
+        raise NotImplementedError(
+            "`filter_custom_jvp.defjvps` is not implemented; register the rule for all "
+            "arguments at once with `def_jvp`."
+        )
 
     def __call__(self, /, *args, **kwargs):
         dynamic, key = _backend.partition((args, kwargs), None, None, False)

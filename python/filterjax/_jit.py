@@ -37,7 +37,7 @@ from typing import (
 import jax
 import jax.tree_util as jtu
 
-from . import _backend, _caches
+from . import _backend, _caches, _equinox_errors
 from ._errors import UnhashableStaticError, rename_root, unhashable_message
 from ._pycore import apply_plan
 from ._wrapper import Wrapper, callable_name, copy_metadata
@@ -194,6 +194,9 @@ class _OutputSpec:
 
 
 def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = None) -> Any:
+    # This frame is where the stack of an `eqx.error_if` ends: Equinox records the marker
+    # held in this local, and `_equinox_errors.translate` cuts there.
+    __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841
     out = fun(*args, **kwargs)
     out_dynamic, out_key = (core or _backend).partition(out, None, None, False)
     if out_key.num_static == 0:
@@ -313,6 +316,7 @@ class _JitProgram:
             _OutputSpec,
             leading,
             self.fast,
+            _translate_error,
         )
         attributes = wrapper.__dict__
         attributes["_program"] = self
@@ -414,12 +418,19 @@ class _JitProgram:
         donation modes, errors."""
         key, dynamic = self.arguments(args, kwargs)
         jitted = self.program_for(key, args, kwargs)
-        if self.silence_unused_donation:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
+        _equinox_errors.watching()  # once Equinox is imported, silence its callback logs
+        try:
+            if self.silence_unused_donation:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
+                    out = jitted(*leading, *dynamic)
+            else:
                 out = jitted(*leading, *dynamic)
-        else:
-            out = jitted(*leading, *dynamic)
+        except Exception as err:
+            replacement = _translate_error(err)
+            if replacement is None:
+                raise
+            raise replacement from None
         return _rebuild_output(out, self.core)
 
     def lower(self, leading: tuple, args: tuple, kwargs: dict) -> Lowered:
@@ -468,6 +479,16 @@ class _JitWrapperBase(Wrapper):
 
     def __hash__(self) -> int:
         return hash((self._program, tuple(self.leading)))
+
+
+def _translate_error(err: BaseException) -> BaseException | None:
+    """The exception to raise instead of one a compiled program raised (an Equinox
+    run-time error from `eqx.error_if`, as `equinox.filter_jit` raises it), or None."""
+    replacement = _equinox_errors.translate(err)
+    if replacement is not None:
+        replacement.__cause__ = None
+        replacement.__suppress_context__ = True
+    return replacement
 
 
 def _remake(fun: Callable, donate: _Donate, jitkwargs: dict) -> Any:
@@ -579,7 +600,14 @@ class Compiled(Generic[_T]):
                 "called with. Lower and compile again for these arguments, or call the "
                 "filter_jit function itself (which compiles as needed)."
             )
-        return _rebuild_output(self._compiled(*self._leading, *dynamic), self._program.core)
+        try:
+            out = self._compiled(*self._leading, *dynamic)
+        except Exception as err:
+            replacement = _translate_error(err)
+            if replacement is None:
+                raise
+            raise replacement from None
+        return _rebuild_output(out, self._program.core)
 
 
 @overload

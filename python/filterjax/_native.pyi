@@ -127,28 +127,33 @@ def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | Non
 class Dispatcher:
     """The per-call path of a `filter_jit` function (twin of `_pycore.Dispatcher`).
 
-    Calls whose shape (`len(args)`, or `(len(args), tuple(kwargs))` with keywords) maps to
-    `fast_plan` in `plans` are partitioned as `(args, kwargs)`, passed to `jitted` as
-    `(key, [leading,] dynamic)`, and an output `{spec: leaves}` with `type(spec) is
-    output_spec` is rebuilt as `rebuild(spec.key, leaves)`. Everything else, and any call
-    whose partition raises, goes to `fallback(args, kwargs)`. Binds as a method like a
-    function; instances accept attributes (`__name__`, `__wrapped__`, ...) and weakrefs.
+    A call whose shape (`len(args)`, or `(len(args), tuple(kwargs))` with keywords) has a
+    plan in `plans` is bound by it (`identity_plan`, or `(argument sources, ((keyword,
+    source), ...))` where a source is a position in `args` or a name in `kwargs`),
+    partitioned as `(args, kwargs)`, and its `StaticKey` looked up in `programs`. The
+    program found is called with `(*leading, *dynamic)`: flat array leaves only, no static
+    argument. An output `{spec: leaves}` with `type(spec) is output_spec` is rebuilt as
+    `rebuild(spec.key, leaves)`. Everything else (a new shape or key, a partition or key
+    comparison that raises, `fast=False`) goes to `fallback(leading, args, kwargs)`. An
+    exception the program raises is replaced by `on_error(exception)` unless that returns
+    None. Subclassable; binds as a method like a function; instances accept attributes
+    and weakrefs.
     """
 
     def __init__(
         self,
-        jitted: Callable[..., Any],
-        plans: Any,
-        fast_plan: Any,
-        fallback: Callable[[tuple[Any, ...], dict[str, Any]], Any],
+        plans: dict[Any, Any],
+        programs: dict[Any, Any],
+        identity_plan: Any,
+        fallback: Callable[[tuple[Any, ...], tuple[Any, ...], dict[str, Any]], Any],
         output_spec: type,
         leading: Any = None,
         fast: bool = True,
+        on_error: Callable[[BaseException], BaseException | None] | None = None,
     ) -> None: ...
-    def reset(
-        self, jitted: Callable[..., Any], plans: Any, leading: Any = None, fast: bool = True
-    ) -> None:
-        """Swap in a new jitted function and plan table (after the caches were cleared)."""
+    @property
+    def leading(self) -> tuple[Any, ...]:
+        """The wrapped function's array leaves, in `jax.tree_util` order."""
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any: ...
     def __get__(self, instance: Any, owner: type | None = None) -> Any: ...

@@ -237,10 +237,19 @@ class Dispatcher:
     `programs`; the program found is called with `(*leading, *dynamic)` and an output
     `{spec: leaves}` with `type(spec) is output_spec` is rebuilt. Every other call, and any
     whose partition or key comparison raises, goes to `fallback(leading, args, kwargs)`.
+    An exception a program raises is replaced by `on_error(exception)` unless that is None.
     """
 
     def __init__(
-        self, plans, programs, identity_plan, fallback, output_spec, leading=None, fast=True
+        self,
+        plans,
+        programs,
+        identity_plan,
+        fallback,
+        output_spec,
+        leading=None,
+        fast=True,
+        on_error=None,
     ):
         self._plans = plans
         self._programs = programs
@@ -249,6 +258,7 @@ class Dispatcher:
         self._output_spec = output_spec
         self._leading = () if leading is None else tuple(leading)
         self._fast = bool(fast)
+        self._on_error = on_error
 
     @property
     def leading(self) -> tuple:
@@ -276,7 +286,13 @@ class Dispatcher:
             return self._fallback(self._leading, args, kwargs)
         if program is None:
             return self._fallback(self._leading, args, kwargs)
-        out = program(*self._leading, *dynamic)
+        try:
+            out = program(*self._leading, *dynamic)
+        except Exception as err:
+            replacement = None if self._on_error is None else self._on_error(err)
+            if replacement is None:
+                raise
+            raise replacement from None
         if type(out) is dict and len(out) == 1:
             ((spec, leaves),) = out.items()
             if type(spec) is self._output_spec:

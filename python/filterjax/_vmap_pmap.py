@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from . import _backend, _caches
+from . import _backend, _caches, _equinox_errors
 from ._errors import UnhashableStaticError, format_path
 from ._filters import if_array
 from ._jit import (
@@ -147,6 +147,18 @@ def _check_no_kwargs(kwargs: dict, transform: str) -> None:
             f"keyword arguments cannot be used with functions wrapped with `{transform}` "
             f"(got {sorted(kwargs)}); pass them positionally."
         )
+
+
+def _require_mapped_axis(transform: str, any_mapped: bool, axis_size: int | None) -> None:
+    """[issue 11] Refuse, before JAX sees it, a call where nothing gives the axis size."""
+    if any_mapped or axis_size is not None:
+        return
+    raise ValueError(
+        f"{transform}: no argument has a mapped axis (`in_axes` resolves to None for every "
+        "leaf of the arguments; only arrays can be mapped), so the size of the mapped axis "
+        f"is unknown. Pass `axis_size=...` to {transform}, or map an argument: give an "
+        "array argument an integer axis in `in_axes`."
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -312,9 +324,7 @@ class _VmapWrapper(Wrapper):
             out = self._fun(*rebuild_args(tracers))
             return self._split_output(out, side)
 
-        if not mapped and self._axis_size is None:
-            return self._call_unbatched(args)
-
+        _require_mapped_axis("filter_vmap", bool(mapped), self._axis_size)  # [issue 11]
         jax_out_axes = self._out_axis if self._uniform_out else (0, None)
         try:
             out = jax.vmap(
@@ -365,24 +375,6 @@ class _VmapWrapper(Wrapper):
                 unmapped.append(leaf)
         side.append((out_key, leaves, axes))
         return mapped, unmapped
-
-    def _call_unbatched(self, args: tuple) -> Any:
-        """Nothing is mapped and no axis_size: there is no batch to vectorise over."""
-        out = self._fun(*args)
-        if self._uniform_out:
-            mapped = self._out_axis is not None and bool(
-                _backend.partition(out, None, None, False)[0]
-            )
-        else:
-            leaves, _ = _backend.partition(out, _always, None, False)
-            mapped = any(a is not None for a in _leaf_axes(self._out_axes, out, leaves, "out_axes"))
-        if mapped:
-            raise ValueError(
-                "filter_vmap cannot resolve the batch size: no input is mapped (in_axes gives "
-                "None for every leaf) and axis_size was not given, but out_axes asks for a "
-                "mapped output. Pass axis_size=..., or map an input."
-            )
-        return out
 
     def _join_output(self, info: Any, vectorised_out: Any) -> Any:
         if self._uniform_out:
@@ -631,6 +623,8 @@ class _PmapProgram:
         uniform_out, out_axes = self.uniform_out, self.out_axes
 
         def parallelised(leaves):
+            # Where the stack of an `eqx.error_if` ends (see `_equinox_errors`).
+            __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841
             fun_dynamic, dynamic, _ = leaves
             fun = core.rebuild(fun_key, fun_dynamic)
             args = core.rebuild(key, list(dynamic))
@@ -652,11 +646,23 @@ class _PmapProgram:
         )
 
     def run(self, pmapped, fun_dynamic, dynamic):
-        if self.silence_unused_donation:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
-                return pmapped((fun_dynamic, dynamic, self.dummy))
-        return pmapped((fun_dynamic, dynamic, self.dummy))
+        try:
+            if self.silence_unused_donation:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
+                    out = pmapped((fun_dynamic, dynamic, self.dummy))
+            else:
+                out = pmapped((fun_dynamic, dynamic, self.dummy))
+            if _equinox_errors.watching():
+                # Devices run asynchronously: wait, so that a failed `eqx.error_if` is
+                # raised by this call rather than when `out` is used.
+                jax.block_until_ready(out)
+            return out
+        except Exception as err:
+            translated = _equinox_errors.translate(err)
+            if translated is None:
+                raise
+            raise translated from None
 
     def finish(self, out):
         if self.uniform_out:
@@ -774,6 +780,7 @@ class _PmapWrapper(Wrapper):
         _check_no_kwargs(kwargs, "filter_pmap")
         program, fun_dynamic = self._ready()
         key, leaf_axes, dynamic = self._call_args(program, args)
+        self._require_mapped(program, leaf_axes, dynamic)
         groups = program.groups
         pmapped = self._pmapped_for(program, key, leaf_axes, groups)
         try:
@@ -800,6 +807,7 @@ class _PmapWrapper(Wrapper):
         _check_no_kwargs(kwargs, "filter_pmap")
         program, fun_dynamic = self._ready()
         key, leaf_axes, dynamic = self._call_args(program, args)
+        self._require_mapped(program, leaf_axes, dynamic)
         groups = program.groups
         flat = (fun_dynamic, dynamic, program.dummy)
         try:
@@ -808,6 +816,14 @@ class _PmapWrapper(Wrapper):
             program.groups = groups = max(program.groups, more.needed)
             lowered = self._pmapped_for(program, key, leaf_axes, groups).lower(flat)
         return _PmapLowered(self, program, fun_dynamic, lowered, (key, leaf_axes))
+
+    def _require_mapped(self, program, leaf_axes, dynamic) -> None:
+        any_mapped = bool(dynamic) and (
+            program.in_axis is not None
+            if leaf_axes is None
+            else any(axis is not None for axis in leaf_axes)
+        )
+        _require_mapped_axis("filter_pmap", any_mapped, self._axis_size)
 
     def _diagnose(self, program, args, key, leaf_axes, dynamic) -> ValueError | None:
         indices = [i for i, m in enumerate(key.mask) if m]
