@@ -272,6 +272,9 @@ class JitFunction(Protocol[_P, _T]):
     ) -> Callable[_Q, _T]: ...
 
 
+_UNSET: Any = object()
+
+
 class _JitProgram:
     """Everything compiled for one function (by its static part) and one set of options.
 
@@ -304,8 +307,11 @@ class _JitProgram:
         self.metadata = dict(holder.__dict__)
         _caches.register_owner(self)
 
-    def wrap(self, leading: Any) -> Any:
-        """A wrapper (a `filter_jit` function) around this program and `leading`."""
+    def wrap(self, leading: Any, fn: Any = _UNSET) -> Any:
+        """A wrapper (a `filter_jit` function) around this program and `leading`.
+
+        `fn` is the wrapper's first PyTree child (the function's name, as in Equinox),
+        kept as given so that flattening returns what unflattening got."""
         wrapper = self.wrapper_class(
             # No reference cycles through the program: JAX frees a `jax.jit`'s compiled
             # programs fully only when it is freed by reference counting, not by the GC.
@@ -320,6 +326,7 @@ class _JitProgram:
         )
         attributes = wrapper.__dict__
         attributes["_program"] = self
+        attributes["fn"] = self.name if fn is _UNSET else fn
         attributes.update(self.metadata)
         return wrapper
 
@@ -452,12 +459,12 @@ class _JitWrapperBase(Wrapper):
     _child_names = ("fn", "_dynamic_fun")
 
     def _tree_flatten(self) -> tuple[tuple, Any]:
-        program = self._program
-        return (program.name, self.leading), program
+        return (self.fn, self.leading), self._program
 
     @classmethod
     def _tree_unflatten(cls, program: Any, children: Any) -> Any:
-        return program.wrap(children[1])
+        fn, leading = children
+        return program.wrap(leading, fn)
 
     def _wrapped(self) -> Any:
         program = self._program
