@@ -76,6 +76,33 @@ def contenders(fun: Callable, args: tuple) -> dict[str, Callable[[], object]]:
     }
 
 
+def _keyword_fn(x, y, scale=1.0):
+    return (x + y) * scale
+
+
+def keyword_contenders() -> dict[str, Callable[[], object]]:
+    """One filter_jit function called positionally and by keyword (diffrax-style)."""
+    f = fj.filter_jit(_keyword_fn)
+    x, y = jnp.ones(8), jnp.ones(8)
+    return {
+        "f(x, y, 2.0)": lambda: f(x, y, 2.0),
+        "f(x, y=y, scale=2.0)": lambda: f(x, y=y, scale=2.0),
+        "f(x=x, y=y, scale=2.0)": lambda: f(x=x, y=y, scale=2.0),
+    }
+
+
+def fresh_wrapper_contenders() -> dict[str, Callable[[], object]]:
+    """`filter_jit(model)(x)` with a new wrapper on every call, as Equinox programs do."""
+    mlp = eqx.nn.MLP(8, 8, 32, 2, key=jax.random.key(0))
+    x = jnp.ones(8)
+    kept = fj.filter_jit(mlp)
+    return {
+        "filterjax, wrapper kept": lambda: kept(x),
+        "filterjax, fresh wrapper": lambda: fj.filter_jit(mlp)(x),
+        "equinox, fresh wrapper": lambda: eqx.filter_jit(mlp)(x),
+    }
+
+
 # --- pytest-benchmark -------------------------------------------------------------------
 
 _CASES = cases()
@@ -91,7 +118,37 @@ def test_per_call(benchmark, case, impl):
     benchmark(call)
 
 
+@pytest.mark.parametrize("impl", list(keyword_contenders()))
+def test_keyword_calls(benchmark, impl):
+    call = keyword_contenders()[impl]
+    jax.block_until_ready(call())
+    benchmark.group = "keyword calls"
+    benchmark(call)
+
+
+@pytest.mark.parametrize("impl", list(fresh_wrapper_contenders()))
+def test_fresh_wrappers(benchmark, impl):
+    call = fresh_wrapper_contenders()[impl]
+    jax.block_until_ready(call())
+    benchmark.group = "fresh wrapper per call"
+    benchmark(call)
+
+
 # --- script mode -------------------------------------------------------------------------
+
+
+def _relative_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> str:
+    """One row per backend: each contender's µs and its ratio to the first contender."""
+    names = list(rows[0][1])
+    header = f"| backend | {' | '.join(f'{n} µs' for n in names)} | "
+    header += " | ".join(f"{n} / {names[0]}" for n in names[1:]) + " |"
+    lines = [f"**{title}**", "", header, "|" + "---|" * (1 + 2 * len(names) - 1)]
+    for backend, t in rows:
+        base = t[names[0]]
+        cells = " | ".join(f"{t[n]:.1f}" for n in names)
+        ratios = " | ".join(f"{t[n] / base:.2f}" for n in names[1:])
+        lines.append(f"| {backend} | {cells} | {ratios} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -113,7 +170,17 @@ def main() -> None:
             f"| {backend} | {case} | {base:.1f} | {ours:.1f} | {eqx_t:.1f} "
             f"| {ours / base:.2f} | {eqx_t / ours:.1f} |"
         )
-    table = "\n".join(lines)
+    keyword_rows, fresh_rows = [], []
+    for backend in each_backend():
+        keyword_rows.append((backend, measure(keyword_contenders(), calls, repeats)))
+        fresh_rows.append((backend, measure(fresh_wrapper_contenders(), calls // 3, repeats)))
+    table = "\n\n".join(
+        [
+            "\n".join(lines),
+            _relative_table("Keyword calls (one filter_jit function)", keyword_rows),
+            _relative_table("A fresh wrapper on every call: MLP(8, 8, 32, 2)", fresh_rows),
+        ]
+    )
     print(table)
     out = os.path.join(os.path.dirname(__file__), "results", "jit.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -61,7 +61,7 @@ def test_fresh_filter_jit_of_the_same_module_traces_once():
 def test_fresh_filter_jit_of_an_updated_module_traces_once_and_uses_new_arrays():
     model = make_model()
     x = jnp.ones(3)
-    for step in range(4):
+    for _ in range(4):
         model = eqx.tree_at(lambda m: m.bias, model, model.bias + 1.0)
         np.testing.assert_allclose(fj.filter_jit(model)(x), model(x), rtol=1e-6)
     assert TRACES.count("call") == 1 + 4  # eager model(x) calls trace nothing; 1 jit trace
