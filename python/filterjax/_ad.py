@@ -136,7 +136,7 @@ class _ValueAndGradWrapper(Wrapper):
         self._fun = fun
         self._has_aux = has_aux
         self._gradkwargs = gradkwargs
-        self._value_and_grad = None  # made on first call
+        self._value_and_grad: Callable | None = None  # made on first call
         copy_metadata(self, fun)
 
     def __call__(self, /, *args, **kwargs):
@@ -1165,7 +1165,7 @@ class _CheckpointWrapper(Wrapper):
         self._fun = fun
         self._prevent_cse = prevent_cse
         self._policy = policy
-        self._checkpointed = None  # made on first call
+        self._checkpointed: Callable | None = None  # made on first call
         copy_metadata(self, fun)
 
     def __call__(self, /, *args, **kwargs):

@@ -457,6 +457,10 @@ class _JitWrapperBase(Wrapper):
     __slots__ = ()
     _transform = "filter_jit"
     _child_names = ("fn", "_dynamic_fun")
+    # Set per instance by `_JitProgram.wrap` (`leading` is the Dispatcher's).
+    fn: Any
+    _program: _JitProgram
+    leading: tuple
 
     def _tree_flatten(self) -> tuple[tuple, Any]:
         return (self.fn, self.leading), self._program
@@ -657,6 +661,11 @@ def filter_jit(fun=None, *, donate: _Donate = "none", **jitkwargs):
 
     Calls that bind to the same arguments (positionally or by keyword) share one compiled
     program; a new static value, tree structure, or array shape/dtype compiles again.
+    Compiled programs belong to the function, as in Equinox: any number of `filter_jit`
+    wrappers around equal functions (with equal options) share them, so
+    `filter_jit(model)(x)` in a loop compiles once. The wrapper is a PyTree (the function's
+    name, then its array leaves, as Equinox lays it out), compares equal to wrappers
+    around equal functions, and copies, deep-copies and pickles.
 
     !!! example
 

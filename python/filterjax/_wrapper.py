@@ -64,6 +64,7 @@ def _leaf_equal(x: Any, y: Any) -> bool:
 
 def tree_equal(a: Any, b: Any) -> bool:
     """Same structure, and leaves pairwise equal (arrays by shape, dtype and value)."""
+    def_a: Any  # jaxlib ships no stub for PyTreeDef
     leaves_a, def_a = jtu.tree_flatten(a)
     leaves_b, def_b = jtu.tree_flatten(b)
     try:
@@ -141,7 +142,7 @@ class Wrapper:
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             return self
-        return BoundWrapper(self, instance)
+        return BoundWrapper(self, instance)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"<{self._transform}({callable_name(self._wrapped())})>"
