@@ -179,3 +179,41 @@ def test_fun_arrays_alone_do_not_count_as_mapped():
     with pytest.raises(ValueError, match="no argument has a mapped axis"):
         fj.filter_pmap(Scale(jnp.ones(2)))(3.0)
     assert fj.filter_pmap(Scale(jnp.ones(2)))(jnp.arange(float(N))).shape == (N, 2)
+
+
+# Ahead-of-time compilation, as filter_jit and Equinox's filter_pmap have it.
+
+
+def test_lower_compile_and_call_with_the_same_arguments():
+    traces = []
+
+    def f(x, k, mode):
+        traces.append(mode)
+        return x * k if mode == "mul" else x + k
+
+    wrapper = fj.filter_pmap(f, in_axes=(0, None, None))
+    x = jnp.arange(float(N))
+    lowered = wrapper.lower(x, 3.0, "mul")
+    assert "stablehlo" in lowered.as_text() or "func" in lowered.as_text()
+    compiled = lowered.compile()
+    np.testing.assert_allclose(compiled(x, 3.0, "mul"), 3 * np.arange(N))
+    np.testing.assert_allclose(compiled(2 * x, 3.0, "mul"), 6 * np.arange(N))
+    assert traces == ["mul"]
+    with pytest.raises(TypeError, match="lowered for arguments"):
+        compiled(x, 3.0, "add")  # another static value
+    with pytest.raises(TypeError, match="lowered for arguments"):
+        compiled([x], 3.0, "mul")  # another structure
+    # The function itself still works, sharing the traced program.
+    np.testing.assert_allclose(wrapper(x, 3.0, "mul"), 3 * np.arange(N))
+
+
+def test_lower_with_non_uniform_out_axes_and_static_outputs():
+    def f(x):
+        return {"mapped": x * 2, "shared": jnp.sum(x) * 0 + 1.0, "name": "out"}
+
+    wrapper = fj.filter_pmap(f, out_axes={"mapped": 0, "shared": None, "name": None})
+    x = jnp.arange(float(N))
+    out = wrapper.lower(x).compile()(x)
+    np.testing.assert_allclose(out["mapped"], 2 * np.arange(N))
+    assert out["name"] == "out"
+    np.testing.assert_allclose(out["shared"], 1.0)

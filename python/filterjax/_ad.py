@@ -151,19 +151,6 @@ class _ValueAndGradWrapper(Wrapper):
         value, grads = value_and_grad(diff_leaves, key, self._fun, args[1:], kwargs)
         return value, _backend.rebuild(key, grads, [None] * key.num_static)
 
-    def _tree_flatten(self) -> tuple[tuple, Any]:
-        return (self._fun, self._has_aux, self._gradkwargs), None
-
-    @classmethod
-    def _tree_unflatten(cls, aux: Any, children: Any) -> Any:
-        return cls(*children)
-
-    def _wrapped(self) -> Any:
-        return self._fun
-
-    def _reduce(self) -> tuple[Callable, tuple]:
-        return _ValueAndGradWrapper, (self._fun, self._has_aux, self._gradkwargs)
-
 
 class _GradWrapper(Wrapper):
     """The callable returned by `filter_grad`. A PyTree laid out as Equinox's: children
@@ -184,18 +171,8 @@ class _GradWrapper(Wrapper):
             return grads, value[1]
         return grads
 
-    def _tree_flatten(self) -> tuple[tuple, Any]:
-        return (self._fun_value_and_grad, self._has_aux), None
-
-    @classmethod
-    def _tree_unflatten(cls, aux: Any, children: Any) -> Any:
-        return cls(*children)
-
     def _wrapped(self) -> Any:
         return self._fun_value_and_grad._fun
-
-    def _reduce(self) -> tuple[Callable, tuple]:
-        return _GradWrapper, (self._fun_value_and_grad, self._has_aux)
 
 
 def _check_gradkwargs(gradkwargs: dict) -> None:
@@ -604,19 +581,6 @@ class _Jacobian(Wrapper):
         if has_aux:
             return jac, _backend.rebuild(side["aux_key"], aux_leaves)
         return jac
-
-    def _tree_flatten(self) -> tuple[tuple, Any]:
-        return (self.fun, self.has_aux, self.rev), None
-
-    @classmethod
-    def _tree_unflatten(cls, aux: Any, children: Any) -> Any:
-        return cls(*children)
-
-    def _wrapped(self) -> Any:
-        return self.fun
-
-    def _reduce(self) -> tuple[Callable, tuple]:
-        return _Jacobian, (self.fun, self.has_aux, self.rev)
 
 
 def filter_jacfwd(fun: Callable, has_aux: bool = False) -> Callable:
@@ -1184,19 +1148,6 @@ class _CheckpointWrapper(Wrapper):
         dynamic, key = _backend.partition((args, kwargs))
         out_leaves, out_static = checkpointed(key, dynamic)
         return _backend.rebuild(out_static.value, out_leaves)
-
-    def _tree_flatten(self) -> tuple[tuple, Any]:
-        return (self._fun, self._prevent_cse, self._policy), None
-
-    @classmethod
-    def _tree_unflatten(cls, aux: Any, children: Any) -> Any:
-        return cls(*children)
-
-    def _wrapped(self) -> Any:
-        return self._fun
-
-    def _reduce(self) -> tuple[Callable, tuple]:
-        return _CheckpointWrapper, (self._fun, self._prevent_cse, self._policy)
 
 
 @overload

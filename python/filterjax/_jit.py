@@ -569,13 +569,17 @@ def _renamed(err: UnhashableStaticError, roots: tuple[str, ...]) -> UnhashableSt
 
 
 class Lowered(Generic[_T]):
-    """A `filter_jit` function lowered for one call signature (see `JitFunction.lower`)."""
+    """A `filter_jit` function lowered for one call signature (see `JitFunction.lower`).
 
-    def __init__(self, program: _JitProgram, leading: tuple, lowered, key):
+    `owner` is the wrapper it was lowered from, for compiled types that need it.
+    """
+
+    def __init__(self, program: Any, leading: Any, lowered, key, owner: Any = None):
         self._program = program
         self._leading = leading
         self._lowered = lowered
         self._key = key
+        self._owner = owner
 
     def as_text(self, *args, **kwargs) -> str:
         """The lowered program as text (StableHLO by default)."""
@@ -587,17 +591,22 @@ class Lowered(Generic[_T]):
     def compile(self, *args, **kwargs) -> Compiled[_T]:
         """Compile the lowered program."""
         compiled = self._lowered.compile(*args, **kwargs)
-        return Compiled(self._program, self._leading, compiled, self._key)
+        return self._compiled_type(self._program, self._leading, compiled, self._key, self._owner)
+
+    @property
+    def _compiled_type(self) -> type[Compiled]:
+        return Compiled
 
 
 class Compiled(Generic[_T]):
     """A compiled `filter_jit` program, callable with the arguments it was lowered for."""
 
-    def __init__(self, program: _JitProgram, leading: tuple, compiled, key):
+    def __init__(self, program: Any, leading: Any, compiled, key, owner: Any = None):
         self._program = program
         self._leading = leading
         self._compiled = compiled
         self._key = key
+        self._owner = owner
 
     def as_text(self, *args, **kwargs) -> str:
         return self._compiled.as_text(*args, **kwargs)

@@ -32,6 +32,8 @@ from . import _backend, _caches, _equinox_errors
 from ._errors import UnhashableStaticError, format_path
 from ._filters import if_array
 from ._jit import (
+    Compiled,
+    Lowered,
     _callable_as_tree,
     _OutputSpec,
     _rebuild_output,
@@ -268,19 +270,6 @@ class _VmapWrapper(Wrapper):
         self._names = _parameter_names(fun) if isinstance(in_axes, dict) else None
         self._derived = True
 
-    def _tree_flatten(self) -> tuple[tuple, Any]:
-        return tuple(getattr(self, name) for name in _VMAP_FIELDS), None
-
-    @classmethod
-    def _tree_unflatten(cls, aux: Any, children: Any) -> Any:
-        return cls(*children)
-
-    def _wrapped(self) -> Any:
-        return self._fun
-
-    def _reduce(self) -> tuple[Callable, tuple]:
-        return _remake_vmap, tuple(getattr(self, name) for name in _VMAP_FIELDS)
-
     def __call__(self, /, *args, **kwargs):
         _check_no_kwargs(kwargs, "filter_vmap")
         if not self._derived:
@@ -407,10 +396,6 @@ class _VmapWrapper(Wrapper):
             else:
                 joined.append(leaf)
         return _backend.rebuild(out_key, joined)
-
-
-def _remake_vmap(fun, in_axes, out_axes, axis_name, axis_size, vmapkwargs):
-    return _VmapWrapper(fun, in_axes, out_axes, axis_name, axis_size, vmapkwargs)
 
 
 _P = ParamSpec("_P")
@@ -815,7 +800,7 @@ class _PmapWrapper(Wrapper):
         except _MoreOutputGroups as more:
             program.groups = groups = max(program.groups, more.needed)
             lowered = self._pmapped_for(program, key, leaf_axes, groups).lower(flat)
-        return _PmapLowered(self, program, fun_dynamic, lowered, (key, leaf_axes))
+        return _PmapLowered(program, fun_dynamic, lowered, (key, leaf_axes), self)
 
     def _require_mapped(self, program, leaf_axes, dynamic) -> None:
         any_mapped = bool(dynamic) and (
@@ -841,56 +826,29 @@ def _remake_pmap(fun, in_axes, out_axes, axis_name, axis_size, donate, pmapkwarg
     return _PmapWrapper(fun, in_axes, out_axes, axis_name, axis_size, donate, pmapkwargs)
 
 
-class _PmapLowered:
+class _PmapLowered(Lowered):
     """A `filter_pmap` function lowered for one call signature (see `lower`)."""
 
-    def __init__(self, wrapper, program, fun_dynamic, lowered, signature):
-        self._wrapper = wrapper
-        self._program = program
-        self._fun_dynamic = fun_dynamic
-        self._lowered = lowered
-        self._signature = signature
-
-    def as_text(self, *args, **kwargs) -> str:
-        """The lowered program as text (StableHLO by default)."""
-        return self._lowered.as_text(*args, **kwargs)
-
-    def compiler_ir(self, *args, **kwargs):
-        return self._lowered.compiler_ir(*args, **kwargs)
-
-    def compile(self, *args, **kwargs) -> _PmapCompiled:
-        """Compile the lowered program."""
-        compiled = self._lowered.compile(*args, **kwargs)
-        return _PmapCompiled(
-            self._wrapper, self._program, self._fun_dynamic, compiled, self._signature
-        )
+    @property
+    def _compiled_type(self) -> type[Compiled]:
+        return _PmapCompiled
 
 
-class _PmapCompiled:
+class _PmapCompiled(Compiled):
     """A compiled `filter_pmap` program, callable with the arguments it was lowered for."""
-
-    def __init__(self, wrapper, program, fun_dynamic, compiled, signature):
-        self._wrapper = wrapper
-        self._program = program
-        self._fun_dynamic = fun_dynamic
-        self._compiled = compiled
-        self._signature = signature
-
-    def as_text(self, *args, **kwargs) -> str:
-        return self._compiled.as_text(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         _check_no_kwargs(kwargs, "filter_pmap")
-        key, leaf_axes, dynamic = self._wrapper._call_args(self._program, args)
-        if (key, leaf_axes) != self._signature:
+        program = self._program
+        key, leaf_axes, dynamic = self._owner._call_args(program, args)
+        if (key, leaf_axes) != self._key:
             raise TypeError(
-                f"This compiled {self._program.name} was lowered for arguments with another "
+                f"This compiled {program.name} was lowered for arguments with another "
                 "tree structure, other static (non-array) values or other mapped axes than "
                 "the ones it was called with. Lower and compile again for these arguments, "
                 "or call the filter_pmap function itself (which compiles as needed)."
             )
-        out = self._program.run(self._compiled, self._fun_dynamic, dynamic)
-        return self._program.finish(out)
+        return program.finish(program.run(self._compiled, self._leading, dynamic))
 
 
 class _GroupedOutput:

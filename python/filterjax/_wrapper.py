@@ -78,11 +78,12 @@ def tree_equal(a: Any, b: Any) -> bool:
 class Wrapper:
     """A transformed function: callable, and a PyTree node.
 
-    Subclasses set `_transform` (the public name, for reprs), `_child_names` (the
-    attributes that are PyTree children, in Equinox's field order) and implement
-    `_tree_flatten() -> (children, aux)`, `_tree_unflatten(aux, children)` (cheap: no
-    work that could fail on placeholder leaves), `_wrapped()` (the callable as given) and
-    `_reduce()` (how to make an equal wrapper again, for copy and pickle).
+    Subclasses set `_transform` (the public name, for reprs) and `_child_names` (the
+    attributes that are PyTree children, in Equinox's field order), and override where the
+    defaults below do not fit: `_tree_flatten() -> (children, aux)`,
+    `_tree_unflatten(aux, children)` (cheap: no work that could fail on placeholder
+    leaves), `_wrapped()` (the callable as given) and `_reduce()` (how to make an equal
+    wrapper again, for copy and pickle).
     """
 
     __slots__ = ()
@@ -101,18 +102,22 @@ class Wrapper:
             cls, flatten_with_keys, cls._tree_unflatten, flatten_func=cls._tree_flatten
         )
 
+    # Defaults for wrappers whose children are exactly their `_child_names` attributes,
+    # whose static part is empty, whose `__init__` takes the children in that order and
+    # whose first child is the wrapped callable.
+
     def _tree_flatten(self) -> tuple[tuple, Any]:
-        raise NotImplementedError
+        return tuple(getattr(self, name) for name in self._child_names), None
 
     @classmethod
     def _tree_unflatten(cls, aux: Any, children: Any) -> Any:
-        raise NotImplementedError
+        return cls(*children)
 
     def _wrapped(self) -> Any:
-        raise NotImplementedError
+        return getattr(self, self._child_names[0])
 
     def _reduce(self) -> tuple[Callable, tuple]:
-        raise NotImplementedError
+        return type(self), self._tree_flatten()[0]
 
     @property
     def __wrapped__(self) -> Any:
