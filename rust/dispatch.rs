@@ -12,7 +12,7 @@
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyString, PyTuple};
 
 use crate::{flatten, rebuild, Truthy};
 
@@ -211,18 +211,9 @@ impl Dispatcher {
             Err(err) if err.is_instance_of::<PyException>(py) => return fallback(args, kwargs),
             Err(err) => return Err(err),
         };
-        let dynamic = dynamic.cast_into_exact::<PyList>()?;
-        let flat = if leading.is_empty() {
-            dynamic.to_tuple()
-        } else {
-            {
-                let mut items = Vec::with_capacity(leading.len() + dynamic.len());
-                items.extend(leading.iter());
-                items.extend(dynamic.iter());
-                PyTuple::new(py, items)?
-            }
-        };
-        let out = match program.call1(flat) {
+        // Two flat sequences, not one positional argument per leaf: JAX flattens a list in
+        // one pass, but builds a tree structure per positional argument.
+        let out = match program.call1((leading, dynamic)) {
             Ok(out) => out,
             Err(err) => return Err(self.translate(py, err)),
         };

@@ -216,33 +216,27 @@ def _rebuild_output(out: Any, core: Any = None) -> Any:
 
 
 def _make_traced(program: _JitProgram, key: Any) -> Callable:
-    """The function handed to `jax.jit` for one static signature: flat array leaves in
-    (the function's own first, then the arguments'), the output split for JAX out."""
+    """The function handed to `jax.jit` for one static signature: the function's own array
+    leaves and the arguments' array leaves in (as flat sequences, one per argument of the
+    `jax.jit`: JAX flattens a list in one pass), the output split for JAX out."""
     core = program.core
     fun_key = program.fun_key
     static_fun = program.static_fun
-    num_leading = program.num_leading
 
     if program.split_first:
         first_key, rest_key = key
-        num_first = first_key.num_dynamic
 
-        def traced(*flat):
-            fun = (
-                static_fun if static_fun is not None else core.rebuild(fun_key, flat[:num_leading])
-            )
-            dynamic = flat[num_leading:]
-            (first,) = core.rebuild(first_key, dynamic[:num_first])
-            rest_args, kwargs = core.rebuild(rest_key, dynamic[num_first:])
+        def traced(leading, first_dynamic, rest_dynamic):
+            fun = static_fun if static_fun is not None else core.rebuild(fun_key, leading)
+            (first,) = core.rebuild(first_key, first_dynamic)
+            rest_args, kwargs = core.rebuild(rest_key, rest_dynamic)
             return _run_and_split_output(fun, (first, *rest_args), kwargs, core)
 
     else:
 
-        def traced(*flat):
-            fun = (
-                static_fun if static_fun is not None else core.rebuild(fun_key, flat[:num_leading])
-            )
-            args, kwargs = core.rebuild(key, flat[num_leading:])
+        def traced(leading, dynamic):
+            fun = static_fun if static_fun is not None else core.rebuild(fun_key, leading)
+            args, kwargs = core.rebuild(key, dynamic)
             return _run_and_split_output(fun, args, kwargs, core)
 
     traced.__name__ = program.name
@@ -374,8 +368,10 @@ class _JitProgram:
         assert bound is not None, "a plan made for this call shape always fits it"
         return bound
 
-    def arguments(self, args: tuple, kwargs: dict) -> tuple[Any, list]:
-        """The call's static key and flat dynamic leaves (after binding)."""
+    def arguments(self, args: tuple, kwargs: dict) -> tuple[Any, tuple]:
+        """The call's static key, and its dynamic leaves as the arguments the program takes
+        after the function's own leaves: `(dynamic,)`, or `(first, rest)` with the first
+        argument kept undonated."""
         args, kwargs = self.bind(args, kwargs)
         partition = self.core.partition
         try:
@@ -387,11 +383,11 @@ class _JitProgram:
                     )
                 first_dynamic, first_key = partition((args[0],))
                 rest_dynamic, rest_key = partition((args[1:], kwargs))
-                return (first_key, rest_key), [*first_dynamic, *rest_dynamic]
+                return (first_key, rest_key), (first_dynamic, rest_dynamic)
             dynamic, key = partition((args, kwargs))
         except UnhashableStaticError as err:
             raise _renamed(err, ("args", "kwargs")) from err.__cause__
-        return key, dynamic
+        return key, (dynamic,)
 
     def program_for(self, key: Any, args: tuple, kwargs: dict) -> Any:
         """The `jax.jit` for this static signature, made on first use."""
@@ -412,13 +408,11 @@ class _JitProgram:
         return jitted
 
     def _donated(self, key: Any) -> tuple[int, ...]:
+        """Which arguments of the `jax.jit` are donated: (leading, dynamic) or, with the
+        first argument kept, (leading, first, rest)."""
         if self.donate == "none":
             return ()
-        if self.split_first:
-            first_key, rest_key = key
-            start = self.num_leading + first_key.num_dynamic
-            return (*range(self.num_leading), *range(start, start + rest_key.num_dynamic))
-        return tuple(range(self.num_leading + key.num_dynamic))
+        return (0, 2) if self.split_first else (0, 1)
 
     def _call(self, leading: tuple, args: tuple, kwargs: dict) -> Any:
         """A call off the Dispatcher's fast path: first of its shape or static signature,
@@ -430,9 +424,9 @@ class _JitProgram:
             if self.silence_unused_donation:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
-                    out = jitted(*leading, *dynamic)
+                    out = jitted(leading, *dynamic)
             else:
-                out = jitted(*leading, *dynamic)
+                out = jitted(leading, *dynamic)
         except Exception as err:
             replacement = _translate_error(err)
             if replacement is None:
@@ -443,7 +437,7 @@ class _JitProgram:
     def lower(self, leading: tuple, args: tuple, kwargs: dict) -> Lowered:
         key, dynamic = self.arguments(args, kwargs)
         jitted = self.program_for(key, args, kwargs)
-        return Lowered(self, leading, jitted.lower(*leading, *dynamic), key)
+        return Lowered(self, leading, jitted.lower(leading, *dynamic), key)
 
 
 class _JitWrapperBase(Wrapper):
@@ -621,7 +615,7 @@ class Compiled(Generic[_T]):
                 "filter_jit function itself (which compiles as needed)."
             )
         try:
-            out = self._compiled(*self._leading, *dynamic)
+            out = self._compiled(self._leading, *dynamic)
         except Exception as err:
             replacement = _translate_error(err)
             if replacement is None:
