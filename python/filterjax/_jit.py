@@ -226,19 +226,21 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
     if program.split_first:
         first_key, rest_key = key
 
-        def traced(leading, first_dynamic, rest_dynamic):
+        def traced_first_apart(leading, first_dynamic, rest_dynamic):
             fun = static_fun if static_fun is not None else core.rebuild(fun_key, leading)
             (first,) = core.rebuild(first_key, first_dynamic)
             rest_args, kwargs = core.rebuild(rest_key, rest_dynamic)
             return _run_and_split_output(fun, (first, *rest_args), kwargs, core)
 
+        traced: Callable = traced_first_apart
     else:
 
-        def traced(leading, dynamic):
+        def traced_together(leading, dynamic):
             fun = static_fun if static_fun is not None else core.rebuild(fun_key, leading)
             args, kwargs = core.rebuild(key, dynamic)
             return _run_and_split_output(fun, args, kwargs, core)
 
+        traced = traced_together
     traced.__name__ = program.name
     traced.__qualname__ = program.qualname
     return traced
