@@ -213,7 +213,12 @@ impl Dispatcher {
         };
         // Two flat sequences, not one positional argument per leaf: JAX flattens a list in
         // one pass, but builds a tree structure per positional argument.
-        let out = match program.call1((leading, dynamic)) {
+        let called = if leading.is_empty() {
+            program.call1((dynamic,))
+        } else {
+            program.call1((leading, dynamic))
+        };
+        let out = match called {
             Ok(out) => out,
             Err(err) => return Err(self.translate(py, err)),
         };

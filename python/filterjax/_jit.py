@@ -217,17 +217,23 @@ def _rebuild_output(out: Any, core: Any = None) -> Any:
 
 def _make_traced(program: _JitProgram, key: Any) -> Callable:
     """The function handed to `jax.jit` for one static signature: the function's own array
-    leaves and the arguments' array leaves in (as flat sequences, one per argument of the
-    `jax.jit`: JAX flattens a list in one pass), the output split for JAX out."""
+    leaves (unless it has none) and the arguments' array leaves in, as flat sequences (one
+    per argument of the `jax.jit`: JAX flattens a list in one pass but builds a tree
+    structure per argument), the output split for JAX out."""
     core = program.core
     fun_key = program.fun_key
     static_fun = program.static_fun
 
+    def fun_and_dynamic(parts: tuple) -> tuple[Callable, tuple]:
+        if static_fun is not None:  # no `leading` argument
+            return static_fun, parts
+        return core.rebuild(fun_key, parts[0]), parts[1:]
+
     if program.split_first:
         first_key, rest_key = key
 
-        def traced_first_apart(leading, first_dynamic, rest_dynamic):
-            fun = static_fun if static_fun is not None else core.rebuild(fun_key, leading)
+        def traced_first_apart(*parts):
+            fun, (first_dynamic, rest_dynamic) = fun_and_dynamic(parts)
             (first,) = core.rebuild(first_key, first_dynamic)
             rest_args, kwargs = core.rebuild(rest_key, rest_dynamic)
             return _run_and_split_output(fun, (first, *rest_args), kwargs, core)
@@ -235,8 +241,8 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
         traced: Callable = traced_first_apart
     else:
 
-        def traced_together(leading, dynamic):
-            fun = static_fun if static_fun is not None else core.rebuild(fun_key, leading)
+        def traced_together(*parts):
+            fun, (dynamic,) = fun_and_dynamic(parts)
             args, kwargs = core.rebuild(key, dynamic)
             return _run_and_split_output(fun, args, kwargs, core)
 
@@ -409,12 +415,20 @@ class _JitProgram:
                     _caches.bounded_insert(self.programs, key, jitted)
         return jitted
 
+    def head(self, leading: tuple) -> tuple:
+        """The program's arguments before the call's: `(leading,)`, or none at all for a
+        function without arrays (as the Dispatchers call it)."""
+        return (leading,) if self.num_leading else ()
+
     def _donated(self, key: Any) -> tuple[int, ...]:
-        """Which arguments of the `jax.jit` are donated: (leading, dynamic) or, with the
-        first argument kept, (leading, first, rest)."""
+        """Which arguments of the `jax.jit` are donated: [leading,] dynamic or, with the
+        first argument kept, [leading,] rest (not first)."""
         if self.donate == "none":
             return ()
-        return (0, 2) if self.split_first else (0, 1)
+        heads = 1 if self.num_leading else 0
+        if self.split_first:
+            return (*range(heads), heads + 1)
+        return tuple(range(heads + 1))
 
     def _call(self, leading: tuple, args: tuple, kwargs: dict) -> Any:
         """A call off the Dispatcher's fast path: first of its shape or static signature,
@@ -426,9 +440,9 @@ class _JitProgram:
             if self.silence_unused_donation:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
-                    out = jitted(leading, *dynamic)
+                    out = jitted(*self.head(leading), *dynamic)
             else:
-                out = jitted(leading, *dynamic)
+                out = jitted(*self.head(leading), *dynamic)
         except Exception as err:
             replacement = _translate_error(err)
             if replacement is None:
@@ -439,7 +453,7 @@ class _JitProgram:
     def lower(self, leading: tuple, args: tuple, kwargs: dict) -> Lowered:
         key, dynamic = self.arguments(args, kwargs)
         jitted = self.program_for(key, args, kwargs)
-        return Lowered(self, leading, jitted.lower(leading, *dynamic), key)
+        return Lowered(self, leading, jitted.lower(*self.head(leading), *dynamic), key)
 
 
 class _JitWrapperBase(Wrapper):
@@ -617,7 +631,7 @@ class Compiled(Generic[_T]):
                 "filter_jit function itself (which compiles as needed)."
             )
         try:
-            out = self._compiled(self._leading, *dynamic)
+            out = self._compiled(*self._program.head(self._leading), *dynamic)
         except Exception as err:
             replacement = _translate_error(err)
             if replacement is None:

@@ -131,8 +131,9 @@ class Dispatcher:
     plan in `plans` is bound by it (`identity_plan`, or `(argument sources, ((keyword,
     source), ...))` where a source is a position in `args` or a name in `kwargs`),
     partitioned as `(args, kwargs)`, and its `StaticKey` looked up in `programs`. The
-    program found is called with `(leading, dynamic)`: flat array leaves only, no static
-    argument. An output `{spec: leaves}` with `type(spec) is output_spec` is rebuilt as
+    program found is called with `(leading, dynamic)` (`(dynamic,)` if `leading` is
+    empty): flat array leaves only, no static argument. An output `{spec: leaves}` with
+    `type(spec) is output_spec` is rebuilt as
     `rebuild(spec.key, leaves)`. Everything else (a new shape or key, a partition or key
     comparison that raises, `fast=False`) goes to `fallback(leading, args, kwargs)`. An
     exception the program raises is replaced by `on_error(exception)` unless that returns

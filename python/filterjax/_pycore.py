@@ -234,8 +234,9 @@ class Dispatcher:
 
     A call whose shape has a plan in `plans` is bound by it (`identity_plan`, or a pair of
     argument and keyword sources), partitioned, and its `StaticKey` looked up in
-    `programs`; the program found is called with `(leading, dynamic)` and an output
-    `{spec: leaves}` with `type(spec) is output_spec` is rebuilt. Every other call, and any
+    `programs`; the program found is called with `(leading, dynamic)` (just `dynamic` if
+    `leading` is empty) and an output `{spec: leaves}` with `type(spec) is output_spec` is
+    rebuilt. Every other call, and any
     whose partition or key comparison raises, goes to `fallback(leading, args, kwargs)`.
     An exception a program raises is replaced by `on_error(exception)` unless that is None.
     """
@@ -287,7 +288,7 @@ class Dispatcher:
         if program is None:
             return self._fallback(self._leading, args, kwargs)
         try:
-            out = program(self._leading, dynamic)
+            out = program(self._leading, dynamic) if self._leading else program(dynamic)
         except Exception as err:
             replacement = None if self._on_error is None else self._on_error(err)
             if replacement is None:
