@@ -315,8 +315,10 @@ class _JitProgram:
         `fn` is the wrapper's first PyTree child (the function's name, as in Equinox),
         kept as given so that flattening returns what unflattening got."""
         wrapper = self.wrapper_class(
-            # No reference cycles through the program: JAX frees a `jax.jit`'s compiled
-            # programs fully only when it is freed by reference counting, not by the GC.
+            # `self._call` is bound here, not stored on the program: a program in a
+            # reference cycle is freed by the cyclic GC, and measured that way each freed
+            # `jax.jit` left ~1 MB of its executable's memory behind (test_jit's memory
+            # test); freed by reference counting, nothing is left.
             self.plans,
             self.programs,
             IDENTITY_PLAN,
