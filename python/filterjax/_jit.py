@@ -37,7 +37,7 @@ from typing import (
 import jax
 import jax.tree_util as jtu
 
-from . import _backend, _caches, _equinox_errors
+from . import _backend, _caches, _equinox_errors, _explain
 from ._errors import UnhashableStaticError, rename_root, unhashable_message
 from ._pycore import apply_plan
 from ._wrapper import Wrapper, callable_name, copy_metadata
@@ -234,6 +234,8 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
             dynamic = flat[num_leading:]
             (first,) = core.rebuild(first_key, dynamic[:num_first])
             rest_args, kwargs = core.rebuild(rest_key, dynamic[num_first:])
+            if _explain.enabled:  # runs only when JAX traces: a new program
+                _explain.on_trace("filter_jit", core, fun, (first, *rest_args), kwargs)
             return _run_and_split_output(fun, (first, *rest_args), kwargs, core)
 
     else:
@@ -243,6 +245,8 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
                 static_fun if static_fun is not None else core.rebuild(fun_key, flat[:num_leading])
             )
             args, kwargs = core.rebuild(key, flat[num_leading:])
+            if _explain.enabled:  # runs only when JAX traces: a new program
+                _explain.on_trace("filter_jit", core, fun, args, kwargs)
             return _run_and_split_output(fun, args, kwargs, core)
 
     traced.__name__ = program.name
