@@ -49,6 +49,7 @@ _LAZY = {
     "filter_pure_callback": "._callback",
     "patch_equinox": "._equinox_patch",
     "unpatch_equinox": "._equinox_patch",
+    "explain_recompiles": "._explain",
 }
 
 __all__ = [
@@ -86,6 +87,7 @@ __all__ = [
     "filter_pure_callback",
     "patch_equinox",
     "unpatch_equinox",
+    "explain_recompiles",
 ]
 
 
@@ -119,6 +121,7 @@ if TYPE_CHECKING:
     from ._closure_convert import filter_closure_convert
     from ._equinox_patch import patch_equinox, unpatch_equinox
     from ._eval_shape import filter_eval_shape
+    from ._explain import explain_recompiles
     from ._jit import filter_jit
     from ._make_jaxpr import filter_make_jaxpr
     from ._sharding import filter_shard

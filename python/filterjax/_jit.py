@@ -37,7 +37,7 @@ from typing import (
 import jax
 import jax.tree_util as jtu
 
-from . import _backend, _caches, _equinox_errors
+from . import _backend, _caches, _equinox_errors, _explain
 from ._errors import UnhashableStaticError, rename_root, unhashable_message
 from ._pycore import apply_plan
 from ._wrapper import Wrapper, callable_name, copy_metadata
@@ -236,6 +236,8 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
             fun, (first_dynamic, rest_dynamic) = fun_and_dynamic(parts)
             (first,) = core.rebuild(first_key, first_dynamic)
             rest_args, kwargs = core.rebuild(rest_key, rest_dynamic)
+            if _explain.enabled:  # runs only when JAX traces: a new program
+                _explain.on_trace("filter_jit", core, fun, (first, *rest_args), kwargs)
             return _run_and_split_output(fun, (first, *rest_args), kwargs, core)
 
         traced: Callable = traced_first_apart
@@ -244,6 +246,8 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
         def traced_together(*parts):
             fun, (dynamic,) = fun_and_dynamic(parts)
             args, kwargs = core.rebuild(key, dynamic)
+            if _explain.enabled:  # runs only when JAX traces: a new program
+                _explain.on_trace("filter_jit", core, fun, args, kwargs)
             return _run_and_split_output(fun, args, kwargs, core)
 
         traced = traced_together

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from . import _backend, _caches, _equinox_errors
+from . import _backend, _caches, _equinox_errors, _explain
 from ._errors import UnhashableStaticError, format_path
 from ._filters import if_array
 from ._jit import (
@@ -613,6 +613,8 @@ class _PmapProgram:
             fun_dynamic, dynamic, _ = leaves
             fun = core.rebuild(fun_key, fun_dynamic)
             args = core.rebuild(key, list(dynamic))
+            if _explain.enabled:  # runs only when JAX traces: a new program
+                _explain.on_trace("filter_pmap", core, fun, args, {})
             if uniform_out:
                 return _run_and_split_output(fun, args, {}, core)
             return _group_output(core, fun(*args), out_axes, groups)
