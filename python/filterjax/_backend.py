@@ -71,7 +71,12 @@ tree_apply_updates: Callable[[Any, Any], Any]
 
 
 def set_backend(name: str) -> None:
-    """Switch the core implementation (`'native'` or `'python'`). Clears filterjax's caches."""
+    """Switch the core implementation (`'native'` or `'python'`). Clears filterjax's caches.
+
+    Transformed functions made from then on use the new core; a `filter_jit` or
+    `filter_pmap` function made before keeps the core it was made with (its compiled
+    programs hold that core's keys), and keeps working.
+    """
     _install(_load(name))
     from . import _caches
 
