@@ -99,10 +99,8 @@ jtu.register_pytree_node(_Static, lambda s: ((), s.value), lambda value, _: _Sta
 
 
 def _copy_metadata(wrapper: Any, fun: Callable) -> None:
-    try:
-        functools.update_wrapper(wrapper, fun, updated=())
-    except (AttributeError, TypeError):  # e.g. a callable object without __name__
-        wrapper.__wrapped__ = fun
+    copy_metadata(wrapper, fun)
+    wrapper.__wrapped__ = fun
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,16 +126,13 @@ class _ValueAndGradWrapper(Wrapper):
     """The callable returned by `filter_value_and_grad`. A PyTree laid out as Equinox's:
     children `fun`, `has_aux` and the keyword arguments of `jax.value_and_grad`."""
 
-    __slots__ = ("_fun", "_has_aux", "_gradkwargs", "_value_and_grad", "__dict__", "__weakref__")
+    __slots__ = ("_fun", "_has_aux", "_gradkwargs", "__dict__", "__weakref__")
     _transform = "filter_value_and_grad"
     _child_names = ("_fun", "_has_aux", "_gradkwargs")
-
-    def __init__(self, fun: Callable, has_aux: bool, gradkwargs: dict):
-        self._fun = fun
-        self._has_aux = has_aux
-        self._gradkwargs = gradkwargs
-        self._value_and_grad: Callable | None = None  # made on first call
-        copy_metadata(self, fun)
+    _fun: Callable
+    _has_aux: bool
+    _gradkwargs: dict
+    _value_and_grad: Callable | None = None  # made on first call
 
     def __call__(self, /, *args, **kwargs):
         if not args:
@@ -159,11 +154,8 @@ class _GradWrapper(Wrapper):
     __slots__ = ("_fun_value_and_grad", "_has_aux", "__dict__", "__weakref__")
     _transform = "filter_grad"
     _child_names = ("_fun_value_and_grad", "_has_aux")
-
-    def __init__(self, value_and_grad: _ValueAndGradWrapper, has_aux: bool):
-        self._fun_value_and_grad = value_and_grad
-        self._has_aux = has_aux
-        copy_metadata(self, value_and_grad)
+    _fun_value_and_grad: _ValueAndGradWrapper
+    _has_aux: bool
 
     def __call__(self, /, *args, **kwargs):
         value, grads = self._fun_value_and_grad(*args, **kwargs)
@@ -550,12 +542,9 @@ class _Jacobian(Wrapper):
 
     __slots__ = ("fun", "has_aux", "rev", "__dict__", "__weakref__")
     _child_names = ("fun", "has_aux", "rev")
-
-    def __init__(self, fun: Callable, has_aux: bool, rev: bool):
-        self.fun = fun
-        self.has_aux = has_aux
-        self.rev = rev
-        copy_metadata(self, fun)
+    fun: Callable
+    has_aux: bool
+    rev: bool
 
     @property
     def _transform(self) -> str:  # type: ignore[override]
@@ -611,7 +600,7 @@ def filter_jacfwd(fun: Callable, has_aux: bool = False) -> Callable:
 
     ```
     """
-    return _Jacobian(fun, has_aux, rev=False)
+    return _Jacobian(fun, has_aux, False)
 
 
 def filter_jacrev(fun: Callable, has_aux: bool = False) -> Callable:
@@ -642,7 +631,7 @@ def filter_jacrev(fun: Callable, has_aux: bool = False) -> Callable:
 
     ```
     """
-    return _Jacobian(fun, has_aux, rev=True)
+    return _Jacobian(fun, has_aux, True)
 
 
 def filter_hessian(fun: Callable, has_aux: bool = False) -> Callable:
@@ -1121,16 +1110,13 @@ class _CheckpointWrapper(Wrapper):
     """The callable returned by `filter_checkpoint`. A PyTree laid out as Equinox's:
     children `fun`, `prevent_cse` and `policy`."""
 
-    __slots__ = ("_fun", "_prevent_cse", "_policy", "_checkpointed", "__dict__", "__weakref__")
+    __slots__ = ("_fun", "_prevent_cse", "_policy", "__dict__", "__weakref__")
     _transform = "filter_checkpoint"
     _child_names = ("_fun", "_prevent_cse", "_policy")
-
-    def __init__(self, fun: Callable, prevent_cse: bool, policy: Callable | None):
-        self._fun = fun
-        self._prevent_cse = prevent_cse
-        self._policy = policy
-        self._checkpointed: Callable | None = None  # made on first call
-        copy_metadata(self, fun)
+    _fun: Callable
+    _prevent_cse: bool
+    _policy: Callable | None
+    _checkpointed: Callable | None = None  # made on first call
 
     def __call__(self, /, *args, **kwargs):
         checkpointed = self._checkpointed

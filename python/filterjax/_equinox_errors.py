@@ -21,13 +21,14 @@ cannot have raised one of its errors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
 from typing import Any
 
-__all__ = ["FRAME_MARKER", "MARKER_NAME", "translate", "watching"]
+__all__ = ["FRAME_MARKER", "MARKER_NAME", "replacement_for", "translate", "translated", "watching"]
 
 # The local variable name Equinox's stack walk looks for, and filterjax's value for it.
 # Any `bytes` works; Equinox only compares it with the ids of its own jit calls.
@@ -129,3 +130,26 @@ def translate(exc: BaseException) -> BaseException | None:
         msg = text.split(_INTERNAL_ERROR, 1)[1].split("\n\n\n", 1)[0]
         stack = ()
     return error_type(_message(msg, stack))
+
+
+def replacement_for(exc: BaseException) -> BaseException | None:
+    """`translate(exc)`, ready to be raised in its place: with no cause or context shown
+    (the JAX error adds nothing but a long internal traceback). The hook the core's
+    Dispatchers call when a compiled program raises."""
+    replacement = translate(exc)
+    if replacement is not None:
+        replacement.__cause__ = None
+        replacement.__suppress_context__ = True
+    return replacement
+
+
+@contextlib.contextmanager
+def translated():
+    """Run the block, raising Equinox's exception in place of JAX's report of one."""
+    try:
+        yield
+    except Exception as err:
+        replacement = replacement_for(err)
+        if replacement is None:
+            raise
+        raise replacement  # noqa: B904 - its context is suppressed by replacement_for

@@ -40,7 +40,7 @@ import jax.tree_util as jtu
 from . import _backend, _caches, _equinox_errors, _explain
 from ._errors import UnhashableStaticError, rename_root, unhashable_message
 from ._pycore import apply_plan
-from ._wrapper import Wrapper, callable_name, copy_metadata
+from ._wrapper import Wrapper, callable_name, metadata_of
 
 __all__ = ["filter_jit"]
 
@@ -308,9 +308,7 @@ class _JitProgram:
         self._lock = threading.Lock()
         self.wrapper_class = _wrapper_class(core)
         self.fast = not (self.split_first or self.silence_unused_donation)
-        holder = types.SimpleNamespace()
-        copy_metadata(holder, fun)
-        self.metadata = dict(holder.__dict__)
+        self.metadata = metadata_of(fun)
         _caches.register_owner(self)
 
     def wrap(self, leading: Any, fn: Any = _UNSET) -> Any:
@@ -330,7 +328,7 @@ class _JitProgram:
             _OutputSpec,
             leading,
             self.fast,
-            _translate_error,
+            _equinox_errors.replacement_for,
         )
         attributes = wrapper.__dict__
         attributes["_program"] = self
@@ -374,7 +372,7 @@ class _JitProgram:
             try:
                 plan = _make_plan(self.signature, args, kwargs)
             except TypeError as err:
-                raise _bind_error(self.name, err) from None
+                raise _bind_error(self.qualname, err) from None
             self.plans[shape] = plan
         if plan is IDENTITY_PLAN:
             return args, kwargs
@@ -442,18 +440,13 @@ class _JitProgram:
         key, dynamic = self.arguments(args, kwargs)
         jitted = self.program_for(key, args, kwargs)
         _equinox_errors.watching()  # once Equinox is imported, silence its callback logs
-        try:
+        with _equinox_errors.translated():
             if self.silence_unused_donation:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
                     out = jitted(*self.head(leading), *dynamic)
             else:
                 out = jitted(*self.head(leading), *dynamic)
-        except Exception as err:
-            replacement = _translate_error(err)
-            if replacement is None:
-                raise
-            raise replacement from None
         return _rebuild_output(out, self.core)
 
     def lower(self, leading: tuple, args: tuple, kwargs: dict) -> Lowered:
@@ -508,16 +501,6 @@ class _JitWrapperBase(Wrapper):
         return hash((self._program, tuple(self.leading)))
 
 
-def _translate_error(err: BaseException) -> BaseException | None:
-    """The exception to raise instead of one a compiled program raised (an Equinox
-    run-time error from `eqx.error_if`, as `equinox.filter_jit` raises it), or None."""
-    replacement = _equinox_errors.translate(err)
-    if replacement is not None:
-        replacement.__cause__ = None
-        replacement.__suppress_context__ = True
-    return replacement
-
-
 def _remake(fun: Callable, donate: _Donate, jitkwargs: dict) -> Any:
     return filter_jit(fun, donate=donate, **jitkwargs)
 
@@ -535,7 +518,9 @@ def _wrapper_class(core: Any) -> type:
             {
                 "__slots__": (),
                 "__module__": __name__,
-                # Bind as a plain method (C-level, no Python frame per call).
+                # The Dispatcher's own construction and binding (a plain method: C-level,
+                # no Python frame per call), not the generic Wrapper's.
+                "__init__": core.Dispatcher.__init__,
                 "__get__": core.Dispatcher.__get__,
             },
         )
@@ -636,13 +621,8 @@ class Compiled(Generic[_T]):
                 "called with. Lower and compile again for these arguments, or call the "
                 "filter_jit function itself (which compiles as needed)."
             )
-        try:
+        with _equinox_errors.translated():
             out = self._compiled(*self._program.head(self._leading), *dynamic)
-        except Exception as err:
-            replacement = _translate_error(err)
-            if replacement is None:
-                raise
-            raise replacement from None
         return _rebuild_output(out, self._program.core)
 
 

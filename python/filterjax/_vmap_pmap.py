@@ -246,19 +246,16 @@ class _VmapWrapper(Wrapper):
     Equinox's: children `fun`, `in_axes`, `out_axes`, `axis_name`, `axis_size`, the
     keyword arguments of `jax.vmap`."""
 
-    __slots__ = _VMAP_FIELDS + ("_derived", "__dict__", "__weakref__")
+    __slots__ = _VMAP_FIELDS + ("__dict__", "__weakref__")
     _transform = "filter_vmap"
     _child_names = _VMAP_FIELDS
-
-    def __init__(self, fun, in_axes, out_axes, axis_name, axis_size, vmapkwargs):
-        self._fun = fun
-        self._in_axes = in_axes
-        self._out_axes = out_axes
-        self._axis_name = axis_name
-        self._axis_size = axis_size
-        self._vmapkwargs = vmapkwargs
-        self._derived = False
-        copy_metadata(self, fun)
+    _fun: Callable
+    _in_axes: Any
+    _out_axes: Any
+    _axis_name: Hashable
+    _axis_size: int | None
+    _vmapkwargs: dict
+    _derived = False  # see `_derive`
 
     def _derive(self) -> None:
         """What calls need from the children; computed on first call, since unflattening
@@ -566,8 +563,9 @@ class _PmapProgram:
     one `jax.pmap` per static signature of the arguments, shared by every wrapper around
     an equal function. Bound to the core it was made with."""
 
-    def __init__(self, core, fun_key, name, in_axes, out_axes, axis_name, axis_size, donate,
-                 pmapkwargs):  # fmt: skip
+    def __init__(
+        self, core, fun_key, name, in_axes, out_axes, axis_name, axis_size, donate, pmapkwargs
+    ):
         self.core = core
         self.fun_key = fun_key
         self.name = name
@@ -633,7 +631,7 @@ class _PmapProgram:
         )
 
     def run(self, pmapped, fun_dynamic, dynamic):
-        try:
+        with _equinox_errors.translated():
             if self.silence_unused_donation:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
@@ -644,12 +642,7 @@ class _PmapProgram:
                 # Devices run asynchronously: wait, so that a failed `eqx.error_if` is
                 # raised by this call rather than when `out` is used.
                 jax.block_until_ready(out)
-            return out
-        except Exception as err:
-            translated = _equinox_errors.translate(err)
-            if translated is None:
-                raise
-            raise translated from None
+        return out
 
     def finish(self, out):
         if self.uniform_out:

@@ -17,7 +17,14 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
-__all__ = ["Wrapper", "BoundWrapper", "copy_metadata", "tree_equal", "callable_name"]
+__all__ = [
+    "Wrapper",
+    "BoundWrapper",
+    "copy_metadata",
+    "metadata_of",
+    "tree_equal",
+    "callable_name",
+]
 
 
 def callable_name(fun: Any) -> str:
@@ -25,20 +32,23 @@ def callable_name(fun: Any) -> str:
     return name if isinstance(name, str) else type(fun).__name__
 
 
-def copy_metadata(wrapper: Any, fun: Any) -> None:
-    """`functools.update_wrapper(wrapper, fun, updated=())` without `__wrapped__` (a
-    property of every wrapper, so that it follows the children) and without failing on
-    callables that lack some of the attributes."""
-    attributes = wrapper.__dict__
-    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+def metadata_of(fun: Any) -> dict[str, Any]:
+    """What `functools.update_wrapper(wrapper, fun, updated=())` copies, less
+    `__wrapped__` (a property of every wrapper, so that it follows the children), and
+    without failing on callables that lack some of the attributes."""
+    metadata = {}
+    for name in ("__module__", "__name__", "__qualname__", "__doc__", "__annotations__"):
         try:
-            value = getattr(fun, name)
+            metadata[name] = getattr(fun, name)
         except AttributeError:
             if name in ("__name__", "__qualname__"):
-                value = callable_name(fun)
-            else:
-                continue
-        attributes[name] = value
+                metadata[name] = callable_name(fun)
+    return metadata
+
+
+def copy_metadata(wrapper: Any, fun: Any) -> None:
+    """Give `wrapper` the name, qualified name, module, docstring and annotations of `fun`."""
+    wrapper.__dict__.update(metadata_of(fun))
 
 
 def _is_array(x: Any) -> bool:
@@ -105,6 +115,11 @@ class Wrapper:
     # Defaults for wrappers whose children are exactly their `_child_names` attributes,
     # whose static part is empty, whose `__init__` takes the children in that order and
     # whose first child is the wrapped callable.
+
+    def __init__(self, *children: Any) -> None:
+        for name, child in zip(self._child_names, children, strict=True):
+            setattr(self, name, child)
+        copy_metadata(self, self._wrapped())
 
     def _tree_flatten(self) -> tuple[tuple, Any]:
         return tuple(getattr(self, name) for name in self._child_names), None
