@@ -202,3 +202,28 @@ def test_a_wrapper_under_jax_transforms_is_traced_through():
     np.testing.assert_allclose(out, lin(jnp.ones(2)), rtol=1e-6)
     scaled = jtu.tree_map(lambda a: a * 2 if eqx.is_array(a) else a, wrapper)
     np.testing.assert_allclose(scaled.__wrapped__.weight, 2 * lin.weight)
+
+
+def test_gradient_and_updates_through_a_jitted_module_method_compile_once():
+    # The everyday Equinox pattern: `@filter_jit` on a Module's `__call__`, the Module
+    # trained with gradients and updated every step.
+    traces = []
+
+    class Scaled(eqx.Module):
+        w: jax.Array
+
+        @fj.filter_jit
+        def __call__(self, x):
+            traces.append(1)
+            return self.w * x
+
+    model = Scaled(jnp.array([1.0, 2.0]))
+    x = jnp.array([3.0, 4.0])
+    for _ in range(3):
+        grads = eqx.filter_grad(lambda m: m(x).sum())(model)
+        np.testing.assert_allclose(grads.w, x)
+        model = eqx.apply_updates(model, jtu.tree_map(lambda g: -0.1 * g, grads))
+    np.testing.assert_allclose(model(x), (jnp.array([1.0, 2.0]) - 0.3 * x) * x, rtol=1e-6)
+    # One trace in all, as with `equinox.filter_jit` (JAX differentiates the compiled
+    # program; the plain call reuses it).
+    assert len(traces) == 1
