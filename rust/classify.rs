@@ -61,7 +61,13 @@ fn load_globals(py: Python<'_>) -> PyResult<Globals> {
         registry,
         array_bases: array_bases.unbind(),
         array_types: PyDict::new(py).unbind(),
-        treedef_from_node: treedef.getattr("from_node_data_and_children")?.unbind(),
+        // jaxlib renamed `make_from_node_data_and_children` in 0.8; take whichever it has.
+        treedef_from_node: match treedef.getattr("from_node_data_and_children") {
+            Ok(make) => make.unbind(),
+            Err(_) => treedef
+                .getattr("make_from_node_data_and_children")?
+                .unbind(),
+        },
         default_registry: attr_of(py, "jax._src.tree_util", "default_registry")?,
     })
 }
