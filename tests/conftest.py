@@ -14,7 +14,15 @@ import pytest
 
 import filterjax._backend as _backend
 
-jax.config.update("jax_num_cpu_devices", 8)
+# Eight fake CPU devices for the pmap/sharding tests. `jax_num_cpu_devices` is new in jax
+# 0.4.38's successors; older releases read the XLA flag instead, which must be set before
+# the CPU backend starts (nothing has run on it yet at this point).
+try:
+    jax.config.update("jax_num_cpu_devices", 8)
+except AttributeError:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 
 def _available_backends() -> list[str]:
