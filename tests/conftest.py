@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import os
 
-import jax
 import pytest
+from jax_features import set_cpu_device_count
 
 import filterjax._backend as _backend
 
-# Eight fake CPU devices for the pmap/sharding tests. `jax_num_cpu_devices` is new in jax
-# 0.4.38's successors; older releases read the XLA flag instead, which must be set before
-# the CPU backend starts (nothing has run on it yet at this point).
-try:
-    jax.config.update("jax_num_cpu_devices", 8)
-except AttributeError:
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+# Eight fake CPU devices for the pmap and sharding tests.
+set_cpu_device_count(8)
 
 
 def _available_backends() -> list[str]:
@@ -47,3 +40,10 @@ def backend(request):
     _backend.set_backend(request.param)
     yield request.param
     _backend.set_backend(previous)
+
+
+def pytest_configure(config):
+    # jax removes deprecated names release by release (`jax.core.*`, `jax.interpreters.*`):
+    # a DeprecationWarning attributed to one of filterjax's own modules fails the test that
+    # triggered it, so the suite on the newest jax sees a removal coming.
+    config.addinivalue_line("filterwarnings", "error::DeprecationWarning:filterjax")

@@ -13,8 +13,9 @@ from __future__ import annotations
 import sys
 
 import jax
+from jax_features import make_mesh, set_cpu_device_count  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 2)
+set_cpu_device_count(2)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 import numpy as np  # noqa: E402
@@ -32,9 +33,9 @@ def main() -> None:
         initialization_timeout=60,
     )
     assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    data = jax.NamedSharding(mesh, jax.P("data"))
-    replicated = jax.NamedSharding(mesh, jax.P())
+    mesh = make_mesh((4,), ("data",), "auto")
+    data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     model = fj.filter_shard(init_model(), replicated)
     x, y = make_batch()

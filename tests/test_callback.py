@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,9 +36,33 @@ def test_arbitrary_objects_in_and_out_eager_and_jit():
     np.testing.assert_allclose(f(x), x**3)
 
 
-@pytest.mark.parametrize(
-    "method", ["sequential", "sequential_unrolled", "expand_dims", "broadcast_all"]
-)
+def _jax_accepts_vmap_method(method: str) -> bool:
+    """Whether the running jax knows `method` (`sequential_unrolled` is newer than 0.4.38)."""
+
+    def call(x):
+        return jax.pure_callback(
+            np.asarray, jax.ShapeDtypeStruct((), jnp.float32), x, vmap_method=method
+        )
+
+    try:
+        jax.eval_shape(jax.vmap(call), jax.ShapeDtypeStruct((2,), jnp.float32))
+    except ValueError:
+        return False
+    return True
+
+
+_VMAP_METHODS = [
+    m
+    for m in ("sequential", "sequential_unrolled", "expand_dims", "broadcast_all")
+    if _jax_accepts_vmap_method(m)
+]
+
+
+def test_vmap_methods_of_this_jax_are_all_tested():
+    assert {"sequential", "expand_dims", "broadcast_all"} <= set(_VMAP_METHODS)
+
+
+@pytest.mark.parametrize("method", _VMAP_METHODS)
 def test_under_vmap_each_method(method):
     seen = []
 
@@ -65,14 +91,34 @@ def test_under_vmap_each_method(method):
     np.testing.assert_allclose(out2, xs * 2)
 
 
-def test_vmap_without_method_raises():
-    def f(x):
-        return fj.filter_pure_callback(
-            lambda x: x, x, result_shape_dtypes=jax.ShapeDtypeStruct((), jnp.float32)
-        )
+def _outcome(thunk):
+    try:
+        return "returned", np.asarray(thunk())
+    except Exception as err:  # the exception type is what is compared
+        return "raised", type(err)
 
-    with pytest.raises(NotImplementedError):
-        jax.vmap(f)(jnp.arange(3.0))
+
+def test_vmap_without_method_does_what_jax_pure_callback_does():
+    # jax >= 0.6 raises NotImplementedError; older releases fall back to a sequential loop
+    # with a DeprecationWarning. filter_pure_callback passes no method of its own.
+    struct = jax.ShapeDtypeStruct((), jnp.float32)
+
+    def ours(x):
+        return fj.filter_pure_callback(lambda x: x, x, result_shape_dtypes=struct)
+
+    def theirs(x):
+        return jax.pure_callback(lambda x: np.asarray(x, np.float32), struct, x)
+
+    xs = jnp.arange(3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        mine = _outcome(lambda: jax.vmap(ours)(xs))
+        reference = _outcome(lambda: jax.vmap(theirs)(xs))
+    assert mine[0] == reference[0]
+    if mine[0] == "raised":
+        assert mine[1] is reference[1] is NotImplementedError
+    else:
+        np.testing.assert_array_equal(mine[1], reference[1])
 
 
 def test_vectorized_is_mapped_to_vmap_method():

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_features import needs_pmap_error_recovery
 
 import filterjax as fj
 from filterjax import _equinox_errors
@@ -153,7 +154,14 @@ def test_donating_filter_jit():
     np.testing.assert_allclose(f(jnp.array(1.0)), 2.0)
 
 
-@pytest.mark.parametrize("name", ["filter_vmap", "filter_grad", "filter_pmap"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "filter_vmap",
+        "filter_grad",
+        pytest.param("filter_pmap", marks=needs_pmap_error_recovery),
+    ],
+)
 def test_other_transforms_raise_equinox_runtime_error(name):
     def loss(x):
         return jnp.sum(_checked(x))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import BACKENDS
+from jax_features import make_mesh, needs_axis_types
 
 import filterjax as fj
 import filterjax._backend as _backend
@@ -291,8 +292,9 @@ def test_weak_type_change_has_advice(logged):
     assert "dtype=" in message  # the advice: give it an explicit dtype
 
 
+@needs_axis_types  # before explicit axes, a sharding is not part of the traced type
 def test_array_sharding_change(logged):
-    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+    mesh = make_mesh((8,), ("d",), "explicit")
     x = jnp.arange(8.0)
     split = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
     whole = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

@@ -792,7 +792,8 @@ def campaign_rebuild_arguments(examples: int) -> None:
             dynamic, key = partitions[core.BACKEND]
             other = keys["python" if core is native_core else "native"]
             weird_key = key_variant(key_name, core, key)
-            weird_key = other if weird_key == "swap" else weird_key
+            # (old jaxlib's PyTreeDef.__eq__ raises on a str, hence the isinstance)
+            weird_key = other if isinstance(weird_key, str) and weird_key == "swap" else weird_key
             statics = {
                 "short": list(key.statics[:-1]),
                 "long": [*key.statics, 0],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import equinox as eqx
 import jax
@@ -27,12 +28,17 @@ def test_make_jaxpr_splits_dynamic_and_static_outputs():
     assert isinstance(jaxpr, jax.extend.core.ClosedJaxpr)
 
 
+def _without_addresses(text: str) -> str:
+    return re.sub(r"0x[0-9a-f]+", "0x…", text)
+
+
 def test_make_jaxpr_traces_shape_dtype_structs_and_matches_equinox():
     model = eqx.nn.MLP(2, 2, 4, 1, key=jr.PRNGKey(0))
     struct = jax.ShapeDtypeStruct((2,), jnp.float32)
     ours = fj.filter_make_jaxpr(lambda m, x: (m(x), m.activation))(model, struct)
     theirs = eqx.filter_make_jaxpr(lambda m, x: (m(x), m.activation))(model, struct)
-    assert str(ours[0]) == str(theirs[0])
+    # Printed jaxprs name custom_jvp rules by object address, which differs between traces.
+    assert _without_addresses(str(ours[0])) == _without_addresses(str(theirs[0]))
     assert ours[1] == theirs[1]
     assert ours[2][1] is model.activation
     # Python builtins are static: no invars for them

@@ -20,6 +20,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.interpreters.ad import JVPTracer
 
 from . import _backend
+from ._compat import typeof
 from ._wrapper import Wrapper, copy_metadata
 
 __all__ = [
@@ -668,7 +669,7 @@ def filter_hessian(fun: Callable, has_aux: bool = False) -> Callable:
 
 
 def _tangent_aval(x: Any):
-    aval = jax.typeof(x)
+    aval = typeof(x)
     return aval.to_tangent_aval() if hasattr(aval, "to_tangent_aval") else aval
 
 

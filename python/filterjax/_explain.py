@@ -145,10 +145,10 @@ _caches.register_clearer(_clear)
 
 
 def _aval_of(leaf: Any) -> _Aval | None:
-    import jax
+    from ._compat import typeof
 
     try:
-        aval = jax.typeof(leaf)
+        aval = typeof(leaf)
     except Exception:
         return None
     return _Aval(

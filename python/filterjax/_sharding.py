@@ -8,6 +8,7 @@ import jax
 import jax.tree_util as jtu
 
 from . import _backend
+from ._compat import explicit_axis_type
 
 __all__ = ["filter_shard"]
 
@@ -38,7 +39,7 @@ def filter_shard(x: Any, device_or_shardings: Any) -> Any:
         ```python
         >>> import jax, jax.numpy as jnp
         >>> mesh = jax.make_mesh((1,), ("data",))
-        >>> sharding = jax.NamedSharding(mesh, jax.P("data"))
+        >>> sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         >>> model = {"w": jnp.ones(4), "activation": "relu"}
         >>> placed = filter_shard(model, sharding)
         >>> placed["w"].sharding == sharding, placed["activation"]
@@ -75,6 +76,6 @@ def _names_explicit_axes(shardings: Any) -> bool:
     for sharding in jtu.tree_leaves(shardings):
         mesh = getattr(sharding, "mesh", None)
         types = getattr(mesh, "axis_types", ())
-        if any(kind == jax.sharding.AxisType.Explicit for kind in types):
+        if explicit_axis_type is not None and any(kind == explicit_axis_type for kind in types):
             return True
     return False

@@ -321,7 +321,9 @@ class _VmapWrapper(Wrapper):
                 axis_size=self._axis_size,
                 **self._vmapkwargs,
             )(*mapped)
-        except (ValueError, TypeError) as err:
+        # jax < 0.5 fails with an IndexError while wording its own size-mismatch message
+        # for a function of `*args`: diagnosed like the ValueError newer releases raise.
+        except (ValueError, TypeError, IndexError) as err:
             if entered:
                 better = (
                     isinstance(err, ValueError)
