@@ -19,8 +19,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-# Files of the native wheel that the pure one leaves out: the extension module and its stub.
-_NATIVE_ONLY = re.compile(r"^filterjax/_native(\..*)?\.(so|pyd|pyi)$")
+# Files of the native wheel that the pure one leaves out: the extension module, its stub, and
+# the software bill of materials of the Rust crate it was built from.
+_NATIVE_ONLY = re.compile(r"^(filterjax/_native(\..*)?\.(so|pyd|pyi)|[^/]+\.dist-info/sboms/.*)$")
 
 
 def _record_line(name: str, data: bytes) -> str:

@@ -158,6 +158,8 @@ def test_set_backend_switches_and_rejects_unknown_names():
 @pytest.mark.parametrize("name", ["py.typed", "_native.pyi"])
 def test_typing_files_ship_with_the_package(name):
     path = _PACKAGE_DIR / name
+    if name == "_native.pyi" and not _NATIVE_BUILT:
+        pytest.skip("no native module here (the pure-Python wheel ships no stub for one)")
     assert path.is_file(), f"{name} missing from {_PACKAGE_DIR}"
     if name == "_native.pyi":
         stub = path.read_text()
