@@ -769,7 +769,7 @@ class _PmapWrapper(Wrapper):
             program.groups = groups = max(program.groups, more.needed)
             pmapped = self._pmapped_for(program, key, leaf_axes, groups)
             out = program.run(pmapped, fun_dynamic, dynamic)
-        except ValueError as err:
+        except (ValueError, IndexError) as err:  # jax.pmap: IndexError for a missing axis
             better = self._diagnose(program, args, key, leaf_axes, dynamic)
             if better is None:
                 raise
@@ -795,6 +795,11 @@ class _PmapWrapper(Wrapper):
         except _MoreOutputGroups as more:
             program.groups = groups = max(program.groups, more.needed)
             lowered = self._pmapped_for(program, key, leaf_axes, groups).lower(flat)
+        except (ValueError, IndexError) as err:
+            better = self._diagnose(program, args, key, leaf_axes, dynamic)
+            if better is None:
+                raise
+            raise better from err
         return _PmapLowered(program, fun_dynamic, lowered, (key, leaf_axes), self)
 
     def _require_mapped(self, program, leaf_axes, dynamic) -> None:
