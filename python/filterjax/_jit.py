@@ -223,6 +223,7 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
     core = program.core
     fun_key = program.fun_key
     static_fun = program.static_fun
+    records = program.records
 
     def fun_and_dynamic(parts: tuple) -> tuple[Callable, tuple]:
         if static_fun is not None:  # no `leading` argument
@@ -236,8 +237,8 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
             fun, (first_dynamic, rest_dynamic) = fun_and_dynamic(parts)
             (first,) = core.rebuild(first_key, first_dynamic)
             rest_args, kwargs = core.rebuild(rest_key, rest_dynamic)
-            if _explain.enabled:  # runs only when JAX traces: a new program
-                _explain.on_trace("filter_jit", core, fun, (first, *rest_args), kwargs)
+            # Runs only when JAX traces (a new program): recorded whether or not explained.
+            _explain.on_trace(records, "filter_jit", core, fun, (first, *rest_args), kwargs)
             return _run_and_split_output(fun, (first, *rest_args), kwargs, core)
 
         traced: Callable = traced_first_apart
@@ -246,8 +247,8 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
         def traced_together(*parts):
             fun, (dynamic,) = fun_and_dynamic(parts)
             args, kwargs = core.rebuild(key, dynamic)
-            if _explain.enabled:  # runs only when JAX traces: a new program
-                _explain.on_trace("filter_jit", core, fun, args, kwargs)
+            # Runs only when JAX traces (a new program): recorded whether or not explained.
+            _explain.on_trace(records, "filter_jit", core, fun, args, kwargs)
             return _run_and_split_output(fun, args, kwargs, core)
 
         traced = traced_together
@@ -305,6 +306,7 @@ class _JitProgram:
         self.silence_unused_donation = donate in ("all", "all-except-first")
         self.plans: dict = {}
         self.programs: dict = {}
+        self.records = _explain.Records()  # signatures of the traces, for explanations
         self._lock = threading.Lock()
         self.wrapper_class = _wrapper_class(core)
         self.fast = not (self.split_first or self.silence_unused_donation)
@@ -340,6 +342,7 @@ class _JitProgram:
         programs = list(self.programs.values())
         self.programs.clear()
         self.plans.clear()
+        self.records.clear()
         for jitted in programs:
             jitted.clear_cache()
 

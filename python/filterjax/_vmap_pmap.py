@@ -581,6 +581,7 @@ class _PmapProgram:
         self.silence_unused_donation = donate == "all"
         self.dummy = None if axis_size is None else np.zeros(axis_size, np.int8)
         self.lock = threading.Lock()
+        self.records = _explain.Records()  # signatures of the traces, for explanations
         self._clear_cache()
         _caches.register_owner(self)
 
@@ -589,6 +590,7 @@ class _PmapProgram:
         # fast path (uniform axes), else by (key, per-leaf input axes, output groups).
         self.pmapped: dict = {}
         self.groups = 4
+        self.records.clear()
 
     def pmap_for(self, cache_key, key, leaf_axes: tuple | None, groups: int):
         pmapped = self.pmapped.get(cache_key)
@@ -602,7 +604,7 @@ class _PmapProgram:
         return pmapped
 
     def _make_pmap(self, key, leaf_axes: tuple | None, groups: int):
-        core, fun_key = self.core, self.fun_key
+        core, fun_key, records = self.core, self.fun_key, self.records
         uniform_out, out_axes = self.uniform_out, self.out_axes
 
         def parallelised(leaves):
@@ -611,8 +613,8 @@ class _PmapProgram:
             fun_dynamic, dynamic, _ = leaves
             fun = core.rebuild(fun_key, fun_dynamic)
             args = core.rebuild(key, list(dynamic))
-            if _explain.enabled:  # runs only when JAX traces: a new program
-                _explain.on_trace("filter_pmap", core, fun, args, {})
+            # Runs only when JAX traces (a new program): recorded whether or not explained.
+            _explain.on_trace(records, "filter_pmap", core, fun, args, {})
             if uniform_out:
                 return _run_and_split_output(fun, args, {}, core)
             return _group_output(core, fun(*args), out_axes, groups)
