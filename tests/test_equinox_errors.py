@@ -8,6 +8,7 @@ transforms must do the same, and the next call must work normally.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -238,3 +239,43 @@ def test_filterjax_never_imports_equinox():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"
+
+
+def test_caught_runtime_errors_leave_no_traceback_at_exit(backend):
+    # A failed check in a pmapped program leaves failed effect tokens that JAX waits on
+    # at exit; once filter_pmap has raised the error, nothing must be printed again then.
+    code = textwrap.dedent(
+        """
+        import equinox as eqx, jax, jax.numpy as jnp, filterjax as fj
+
+        def checked(x):
+            return eqx.error_if(x, x < 0, "x must be >= 0") * 2
+
+        n = jax.local_device_count()
+        assert n == 2, n
+        for name in ("filter_pmap", "filter_jit", "filter_vmap"):
+            f = getattr(fj, name)(checked)
+            try:
+                f(-jnp.ones(n))
+            except eqx.EquinoxRuntimeError as err:
+                assert "x must be >= 0" in str(err)
+            else:
+                raise AssertionError(name + " raised nothing")
+            assert float(f(jnp.ones(n)).sum()) == 2 * n
+        print("ok")
+        """
+    )
+    env = {
+        **os.environ,
+        "FILTERJAX_BACKEND": backend,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Exception ignored" not in result.stderr, result.stderr[-3000:]

@@ -633,6 +633,7 @@ class _PmapProgram:
         )
 
     def run(self, pmapped, fun_dynamic, dynamic):
+        watching = _equinox_errors.watching()  # before dispatch: it silences callback logs
         with _equinox_errors.translated():
             if self.silence_unused_donation:
                 with warnings.catch_warnings():
@@ -640,16 +641,41 @@ class _PmapProgram:
                     out = pmapped((fun_dynamic, dynamic, self.dummy))
             else:
                 out = pmapped((fun_dynamic, dynamic, self.dummy))
-            if _equinox_errors.watching():
+            if watching:
                 # Devices run asynchronously: wait, so that a failed `eqx.error_if` is
                 # raised by this call rather than when `out` is used.
-                jax.block_until_ready(out)
+                try:
+                    jax.block_until_ready(out)
+                except Exception:
+                    _forget_failed_effects()
+                    raise
         return out
 
     def finish(self, out):
         if self.uniform_out:
             return _rebuild_output(out, self.core)
         return _ungroup_output(self.core, out)
+
+
+def _forget_failed_effects() -> None:
+    """Drop the per-device effect tokens of a pmapped call whose host callback failed.
+
+    JAX keeps each device's last effect token and waits on it at exit (and in
+    `jax.effects_barrier`); later calls through its C++ fast path do not replace it. Once
+    this call has raised the failure, the failed token would only raise it again at exit,
+    as an "Exception ignored in atexit callback" traceback. Tokens that completed are
+    kept."""
+    try:
+        from jax._src import dispatch
+
+        tokens = dispatch.runtime_tokens.output_runtime_tokens
+    except (ImportError, AttributeError):  # a JAX that keeps no such tokens
+        return
+    for device, token in list(tokens.items()):
+        try:
+            token.block_until_ready()
+        except Exception:
+            tokens.pop(device, None)
 
 
 # Compiled programs of every filter_pmap function (see `filterjax._caches`).
