@@ -307,7 +307,9 @@ class _JitProgram:
         self.plans: dict = {}
         self.programs: dict = {}
         self.records = _explain.Records()  # signatures of the traces, for explanations
-        self._lock = threading.Lock()
+        # Re-entrant: looking a key up runs static leaves' __eq__, which may call this
+        # same function (from the same thread) and compile another signature.
+        self._lock = threading.RLock()
         self.wrapper_class = _wrapper_class(core)
         self.fast = not (self.split_first or self.silence_unused_donation)
         self.metadata = metadata_of(fun)

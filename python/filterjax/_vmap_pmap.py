@@ -580,7 +580,7 @@ class _PmapProgram:
         self.uniform_out, self.out_axis = _uniform_axis(out_axes)
         self.silence_unused_donation = donate == "all"
         self.dummy = None if axis_size is None else np.zeros(axis_size, np.int8)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # a static leaf's __eq__ may call back in
         self.records = _explain.Records()  # signatures of the traces, for explanations
         self._clear_cache()
         _caches.register_owner(self)
