@@ -378,7 +378,8 @@ class _JitProgram:
                 plan = _make_plan(self.signature, args, kwargs)
             except TypeError as err:
                 raise _bind_error(self.qualname, err) from None
-            self.plans[shape] = plan
+            # Bounded like the programs: a shape forgotten is planned again when called.
+            _caches.bounded_insert(self.plans, shape, plan)
         if plan is IDENTITY_PLAN:
             return args, kwargs
         bound = apply_plan(plan, args, kwargs)
