@@ -197,7 +197,11 @@ def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = 
     # This frame is where the stack of an `eqx.error_if` ends: Equinox records the marker
     # held in this local, and `_equinox_errors.translate` cuts there.
     __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841
-    out = fun(*args, **kwargs)
+    _equinox_errors.fresh_stacks()
+    try:
+        out = fun(*args, **kwargs)
+    finally:  # and this trace's stacks are not reused by later traces either
+        _equinox_errors.fresh_stacks()
     out_dynamic, out_key = (core or _backend).partition(out, None, None, False)
     if out_key.num_static == 0:
         # JAX rebuilds an all-array output itself, from the output treedef of the trace.

@@ -617,6 +617,7 @@ class _PmapProgram:
             _explain.on_trace(records, "filter_pmap", core, fun, args, {})
             if uniform_out:
                 return _run_and_split_output(fun, args, {}, core)
+            _equinox_errors.fresh_stacks()
             return _group_output(core, fun(*args), out_axes, groups)
 
         parallelised.__name__ = parallelised.__qualname__ = self.name
