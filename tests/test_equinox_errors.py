@@ -332,3 +332,26 @@ def test_caught_runtime_errors_leave_no_traceback_at_exit(backend):
     assert result.stdout.strip() == "ok"
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "Exception ignored" not in result.stderr, result.stderr[-3000:]
+
+
+def test_fresh_stacks_leave_other_traces_alone():
+    # filterjax has Equinox's check traced afresh in each of its traces; every other
+    # function keeps JAX's cached traces. (Clearing JAX's trace caches wholesale made the
+    # third call below trace again: the first trace failed, so JAX's C++ cache misses.)
+    traces = []
+    failing = [True]
+
+    @fj.filter_jit
+    def f(x, k):
+        traces.append(k)
+        if failing[0]:
+            raise ValueError("first trace fails")
+        return x * k
+
+    x = jnp.arange(3.0)
+    with pytest.raises(ValueError, match="first trace fails"):
+        f(x, 2)
+    failing[0] = False
+    np.testing.assert_allclose(f(x, 2), x * 2)
+    np.testing.assert_allclose(f(x + 1, 2), (x + 1) * 2)
+    assert len(traces) == 2

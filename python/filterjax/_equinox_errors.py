@@ -109,21 +109,27 @@ def fresh_stacks() -> None:
     """Make the `error_if` checks traced from here on record this trace's stack.
 
     Equinox records the stack when it traces a check, inside its own `jax.jit` of the
-    check; a later trace that reaches the same check with the same shapes reuses that
-    trace, stack and all, so a failure would show the frames of whichever call traced the
-    check first. Called where filterjax traces a function (never on a cache hit), this
-    empties that one cache, so the check is traced again under the current stack. Does
-    nothing unless Equinox is imported."""
+    check; a later trace that reaches the same check with the same shapes reuses JAX's
+    cached trace of it, stack and all, so a failure would show the frames of whichever call
+    traced the check first. Called where filterjax traces a function (never on a cache
+    hit), this evicts that one function from JAX's trace caches (and nothing else: every
+    other function keeps its traces), so the check is traced again under the current
+    stack. Does nothing unless Equinox is imported, or where JAX keeps no such caches."""
     errors = sys.modules.get("equinox._errors")
     if errors is None:
         return
     jitted = getattr(getattr(errors, "branched_error_if_impl_jit", None), "_cached", None)
-    clear = getattr(jitted, "clear_cache", None)
-    if callable(clear):
-        try:
-            clear()
-        except Exception:  # an Equinox without this cache: stacks may be stale, no more
-            pass
+    fun = getattr(jitted, "_fun", None)
+    if fun is None:
+        return
+    try:
+        from jax._src import pjit
+        from jax._src.interpreters import partial_eval
+
+        for cache in (pjit._infer_params_cached, partial_eval.trace_to_jaxpr):
+            cache.evict_weakref(fun)
+    except Exception:  # another JAX: stacks may be stale, nothing worse
+        pass
 
 
 def _message(msg: str, stack: Any) -> str:
