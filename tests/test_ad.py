@@ -481,6 +481,24 @@ def test_vjp_accepts_full_cotangent_and_rejects_wrong_structure():
         vjpfun([jnp.ones(2)])
 
 
+@pytest.mark.parametrize(
+    ("fun", "cotangent", "where"),
+    [
+        (lambda x: 0.0, jnp.float32(1.0), "out:"),
+        (lambda x: (x * 2, "name"), (jnp.ones(2), 1.0), r"out\[1\]"),
+        (lambda x: {"n": 3, "y": x}, {"n": jnp.ones(()), "y": jnp.ones(2)}, r"out\['n'\]"),
+    ],
+)
+def test_vjp_cotangent_on_a_non_array_output_is_an_error(fun, cotangent, where):
+    # Equinox raises (JAX's structure check); dropping it would return zeros silently.
+    _, vjpfun = fj.filter_vjp(fun, jnp.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match=rf"output at {where}.* cotangent must be `None`"):
+        vjpfun(cotangent)
+    _, eqx_vjpfun = eqx.filter_vjp(fun, jnp.array([1.0, 2.0]))
+    with pytest.raises(ValueError):
+        eqx_vjpfun(cotangent)
+
+
 def test_vjp_pullback_passes_through_jit():
     out, vjpfun = fj.filter_vjp(lambda x, s: jnp.sin(x) * s, jnp.array([0.1, 0.2]), 2.0)
     (g, g_s) = jax.jit(lambda f, ct: f(ct))(vjpfun, jnp.ones(2))

@@ -8,6 +8,8 @@ transforms must do the same, and the next call must work normally.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -96,6 +98,58 @@ def test_the_stack_shown_ends_at_the_compiled_function():
     assert "inner_library_step" in text  # inside the compiled program
     assert "outer_caller_of_the_jit" not in text  # outside it: Python's traceback shows it
     assert "filterjax" not in text  # filterjax's own frames are left out
+
+
+def _stack_functions(info) -> list[str]:
+    """The function names of the frames in an EquinoxRuntimeError's stack, outermost first."""
+    return re.findall(r'File "[^"]*", line \d+, in (\S+)', str(info.value))
+
+
+def _shared_check(x):
+    return eqx.error_if(x, x < 0, "shared check failed")
+
+
+def _through_check(x):
+    return _shared_check(x) + 1
+
+
+def _through_other(x):
+    return _through_check(x) * 2
+
+
+def _call_failing(f, x=None):
+    with pytest.raises(eqx.EquinoxRuntimeError, match="shared check failed") as info:
+        f(jnp.array(-1.0) if x is None else x)
+    return _stack_functions(info)
+
+
+@pytest.mark.parametrize("earlier_jit", [eqx.filter_jit, fj.filter_jit])
+def test_the_stack_is_the_failing_functions_own(earlier_jit):
+    # The check is traced (and its stack recorded) once per shape by Equinox; whatever
+    # failed before, the stack shown is the one of the function that failed now.
+    mine = ["_through_check", "_shared_check"]
+    # (Equinox's own stack is right only for the call that traced the check: not tested.)
+    _call_failing(earlier_jit(_through_check))
+    assert _call_failing(fj.filter_jit(_through_check)) == mine
+    assert _call_failing(fj.filter_jit(_through_other)) == ["_through_other", *mine]
+    assert _call_failing(fj.filter_jit(_through_check)) == mine
+    devices = -jnp.ones(jax.local_device_count())
+    _call_failing(earlier_jit(_through_check), devices)
+    assert _call_failing(fj.filter_pmap(_through_check), devices) == mine
+
+
+def test_nested_filter_jit_stack_never_shows_another_calls_frames():
+    inner = fj.filter_jit(_through_check)
+    assert _call_failing(inner) == ["_through_check", "_shared_check"]
+
+    def calls_inner(x):
+        return inner(x) - 1
+
+    # `inner` was traced before for these shapes, so its check is reused from then: the
+    # stack shows the frames inside `inner` only, never those of the earlier call.
+    stack = _call_failing(fj.filter_jit(calls_inner))
+    assert stack[-2:] == ["_through_check", "_shared_check"]
+    assert "_call_failing" not in stack and "<module>" not in stack
 
 
 def test_after_patch_equinox():
@@ -246,3 +300,66 @@ def test_filterjax_never_imports_equinox():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"
+
+
+def test_caught_runtime_errors_leave_no_traceback_at_exit(backend):
+    # A failed check in a pmapped program leaves failed effect tokens that JAX waits on
+    # at exit; once filter_pmap has raised the error, nothing must be printed again then.
+    code = textwrap.dedent(
+        """
+        import equinox as eqx, jax, jax.numpy as jnp, filterjax as fj
+
+        def checked(x):
+            return eqx.error_if(x, x < 0, "x must be >= 0") * 2
+
+        n = jax.local_device_count()
+        assert n == 2, n
+        for name in ("filter_pmap", "filter_jit", "filter_vmap"):
+            f = getattr(fj, name)(checked)
+            try:
+                f(-jnp.ones(n))
+            except eqx.EquinoxRuntimeError as err:
+                assert "x must be >= 0" in str(err)
+            else:
+                raise AssertionError(name + " raised nothing")
+            assert float(f(jnp.ones(n)).sum()) == 2 * n
+        print("ok")
+        """
+    )
+    env = {
+        **os.environ,
+        "FILTERJAX_BACKEND": backend,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Exception ignored" not in result.stderr, result.stderr[-3000:]
+
+
+def test_fresh_stacks_leave_other_traces_alone():
+    # filterjax has Equinox's check traced afresh in each of its traces; every other
+    # function keeps JAX's cached traces. (Clearing JAX's trace caches wholesale made the
+    # third call below trace again: the first trace failed, so JAX's C++ cache misses.)
+    traces = []
+    failing = [True]
+
+    @fj.filter_jit
+    def f(x, k):
+        traces.append(k)
+        if failing[0]:
+            raise ValueError("first trace fails")
+        return x * k
+
+    x = jnp.arange(3.0)
+    with pytest.raises(ValueError, match="first trace fails"):
+        f(x, 2)
+    failing[0] = False
+    np.testing.assert_allclose(f(x, 2), x * 2)
+    np.testing.assert_allclose(f(x + 1, 2), (x + 1) * 2)
+    assert len(traces) == 2

@@ -487,3 +487,62 @@ def test_equinox_training_script_same_losses_when_patched():
     assert eqx.filter_value_and_grad is original_vag
     assert plain[-1] < 0.8 * plain[0]  # it does train (by how much depends on jax's RNG)
     np.testing.assert_allclose(patched, plain, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# The deliberate differences from Equinox that docs/migrating.md lists
+
+
+def test_equal_statics_of_different_types_trace_apart_unlike_equinox():
+    traces = {"eqx": 0, "fj": 0, "jax": 0}
+
+    def body(name):
+        def f(x, static):
+            traces[name] += 1
+            return static
+
+        return f
+
+    values = (1, 1.0, True)
+    eqx_f = eqx.filter_jit(body("eqx"))
+    fj_f = fj.filter_jit(body("fj"))
+    jax_f = jax.jit(body("jax"), static_argnums=1)
+    assert [type(eqx_f(jnp.ones(1), v)) for v in values] == [int, int, int]
+    assert [type(fj_f(jnp.ones(1), v)) for v in values] == [int, float, bool]
+    for v in values:
+        jax_f(jnp.ones(1), v)
+    assert traces == {"eqx": 1, "fj": 3, "jax": 3}
+
+
+def test_static_object_mutated_in_place_retraces_unlike_equinox():
+    class Config:
+        def __init__(self, scale):
+            self.scale = scale
+
+        def __eq__(self, other):
+            return type(other) is Config and other.scale == self.scale
+
+        def __hash__(self):
+            return hash(self.scale)
+
+    def scaled(x, cfg):
+        return x * cfg.scale
+
+    results = {}
+    for name, jit in (("eqx", eqx.filter_jit), ("fj", fj.filter_jit)):
+        f = jit(scaled)
+        cfg = Config(1.0)
+        first = float(f(jnp.ones(()), cfg))
+        cfg.scale = 5.0
+        results[name] = (first, float(f(jnp.ones(()), cfg)))
+    assert results == {"eqx": (1.0, 1.0), "fj": (1.0, 5.0)}
+
+
+def test_identity_filter_vmap_returns_numpy_input_unchanged_like_jax_vmap():
+    x = np.arange(6.0).reshape(2, 3)
+    assert fj.filter_vmap(lambda t: t)(x) is x
+    assert type(jax.vmap(lambda t: t)(x)) is np.ndarray
+    assert isinstance(eqx.filter_vmap(lambda t: t)(x), jax.Array)
+    out = fj.filter_vmap(lambda t: t * 2)(x)  # computed outputs are JAX arrays
+    assert isinstance(out, jax.Array)
+    np.testing.assert_allclose(out, 2 * x)

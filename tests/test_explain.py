@@ -75,7 +75,7 @@ def test_first_compile_and_cache_hits_log_nothing(logged):
 
 def test_cache_hits_never_reach_the_explainer(monkeypatch):
     seen = []
-    monkeypatch.setattr(_explain, "on_trace", lambda *args: seen.append(args[0]))
+    monkeypatch.setattr(_explain, "on_trace", lambda *args: seen.append(args[1]))
 
     @fj.filter_jit
     def f(x, n):
@@ -530,3 +530,42 @@ def test_environment_variable_read_at_import(value, expected):
     )
     # With no handler configured, logging prints WARNING records to stderr.
     assert ("args[1]" in result.stderr) is expected, result.stderr
+
+
+def test_switched_on_mid_run_explains_against_programs_compiled_while_off(logged):
+    @fj.filter_jit
+    def f(x, cfg):
+        return x * cfg["scale"]
+
+    fj.explain_recompiles(False)
+    f(jnp.ones(2), {"scale": 2})
+    f(jnp.ones(2), {"scale": 2})  # a cache hit: no new program
+    assert logged() == []
+    with fj.explain_recompiles():
+        f(jnp.ones(2), {"scale": 3})  # the first recompile after switching on
+        message = _only(logged())
+        assert "it now has 2 programs" in message
+        assert "program #1" in message
+        assert "args[1]['scale']: static value 2 -> 3" in message
+        f(jnp.ones(5), {"scale": 3})
+        assert len(logged()) == 2
+        assert "it now has 3 programs" in logged()[1]
+        assert "shape (2,) -> (5,)" in logged()[1]
+
+
+def test_signatures_recorded_while_off_are_bounded(monkeypatch, logged):
+    monkeypatch.setattr(_explain, "MAX_SIGNATURES", 4)
+
+    @fj.filter_jit
+    def f(x, n):
+        return x * n
+
+    fj.explain_recompiles(False)
+    for n in range(10):
+        f(jnp.ones(2), n)
+    assert len(f._program.records) == 4
+    assert _explain._families[_explain._family_key("filter_jit", f.__wrapped__)].count == 10
+    with fj.explain_recompiles():
+        f(jnp.ones(2), 10)
+    message = _only(logged())
+    assert "it now has 11 programs" in message and "static value 9 -> 10" in message

@@ -406,3 +406,96 @@ def test_static_whose_eq_raises_error_names_the_users_type():
     assert "BadEqCallable" in message
     assert "StaticKey" not in str(err)
     assert isinstance(err, TypeError) and "args[0]" in str(err)
+
+
+# ---------------------------------------------------------------------------------------
+# A static leaf's __eq__ or __hash__ that calls back into filterjax: never a hang
+
+
+def _finishes(body, timeout: float = 60.0):
+    """Run `body` in a daemon thread: what it returned or raised, or fail on a hang."""
+    import threading
+
+    outcome: list = []
+
+    def target():
+        try:
+            outcome.append(("returned", body()))
+        except BaseException as err:  # noqa: BLE001 - reported to the test
+            outcome.append(("raised", err))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the call hung (a lock held while running user code?)"
+    ((kind, value),) = outcome
+    if kind == "raised":
+        raise value
+    return value
+
+
+class _CallsBack:
+    """Equal by value, every instance colliding in hash; comparing (or hashing) calls
+    `callback` first, with a fresh number each time."""
+
+    calls = 0
+
+    def __init__(self, value, callback, in_hash=False):
+        self.value = value
+        self.callback = callback
+        self.in_hash = in_hash
+
+    def _call_back(self):
+        type(self).calls += 1
+        self.callback(type(self).calls)
+
+    def __hash__(self):
+        if self.in_hash:
+            self._call_back()
+        return 0
+
+    def __eq__(self, other):
+        if not self.in_hash:
+            self._call_back()
+        return type(other) is _CallsBack and self.value == other.value
+
+
+@pytest.mark.parametrize("in_hash", [False, True])
+@pytest.mark.parametrize("transform", ["filter_jit", "filter_pmap"])
+def test_static_leaf_calling_the_same_function_back_finishes(transform, in_hash):
+    def body(x, static):
+        return x + getattr(static, "value", static)
+
+    f = getattr(fj, transform)(body)
+    x = jnp.ones((jax.local_device_count(), 2))
+
+    def call_back(n):
+        # A new static value every time: a miss, compiled while the outer call is
+        # looking its own signature up.
+        f(x, n)
+
+    def run():
+        outs = [f(x, _CallsBack(v, call_back, in_hash)) for v in (1, 2, 1, 2)]
+        return [float(out.sum()) for out in outs]
+
+    size = x.size
+    assert _finishes(run) == [2.0 * size, 3.0 * size, 2.0 * size, 3.0 * size]
+    assert _CallsBack.calls > 0
+
+
+def test_static_leaf_calling_other_transforms_back_finishes():
+    other = fj.filter_jit(lambda x, n: x * n)
+    vmapped = fj.filter_vmap(lambda x: x + 1)
+
+    def call_back(n):
+        other(jnp.ones(2), n)
+        vmapped(jnp.ones((2, 2)))
+        fj.partition({"a": jnp.ones(1), "n": n}, fj.is_array)
+        fj.filter_grad(lambda x: (x**2).sum())(jnp.ones(2))
+
+    f = fj.filter_jit(lambda x, static: x * static.value)
+
+    def run():
+        return [float(f(jnp.ones(()), _CallsBack(v, call_back)).sum()) for v in (2, 3, 2)]
+
+    assert _finishes(run) == [2.0, 3.0, 2.0]

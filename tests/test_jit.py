@@ -548,3 +548,24 @@ def test_keyword_calls_take_the_same_program_as_positional_ones_repeatedly():
         f(x=jnp.ones(2), y=jnp.ones(2))
         f(jnp.ones(2), jnp.ones(2))
     assert body.count() == 1
+
+
+def test_call_shape_table_is_bounded(monkeypatch):
+    # Every distinct set of keyword names (or positional count) is a call shape with a
+    # plan; the table of plans is bounded like the programs, and a shape forgotten is
+    # planned again, with the right result.
+    monkeypatch.setattr(fj._caches, "MAX_SIGNATURES", 4)
+    body = counting(lambda x, **scales: x * sum(scales.values()))
+    f = fj.filter_jit(body)
+    names = [f"s{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        np.testing.assert_allclose(f(jnp.ones(2), **{name: jnp.float32(i)}), [i, i])
+        assert len(f._program.plans) <= 4
+    assert body.count() == 12
+    np.testing.assert_allclose(f(jnp.ones(2), s0=jnp.float32(5.0)), [5.0, 5.0])
+    np.testing.assert_allclose(f(jnp.ones(2), s11=jnp.float32(7.0)), [7.0, 7.0])
+    assert len(f._program.plans) <= 4
+    g = fj.filter_jit(lambda *xs: sum(xs))
+    for count in range(1, 10):  # positional counts are shapes too
+        assert float(g(*[jnp.float32(1.0)] * count)) == count
+    assert len(g._program.plans) <= 4

@@ -217,3 +217,32 @@ def test_lower_with_non_uniform_out_axes_and_static_outputs():
     np.testing.assert_allclose(out["mapped"], 2 * np.arange(N))
     assert out["name"] == "out"
     np.testing.assert_allclose(out["shared"], 1.0)
+
+
+def _inexact_at_zero(leaf):
+    return 0 if eqx.is_inexact_array(leaf) else None
+
+
+@pytest.mark.parametrize("transform", [fj.filter_pmap, fj.filter_vmap])
+@pytest.mark.parametrize(
+    ("args", "in_axes", "where", "shape", "axis"),
+    [
+        # Equinox's test_pmap.py::test_default: a 0-d array mapped at axis 0.
+        ((jnp.array(3.0), jnp.ones(N)), _inexact_at_zero, r"args\[0\]", r"\(\)", 0),
+        ((jnp.ones(N), {"w": jnp.ones(N)}), (0, {"w": 1}), r"args\[1\]\['w'\]", r"\(8,\)", 1),
+        (({"x": [jnp.ones(N), jnp.float32(1.0)]},), 0, r"args\[0\]\['x'\]\[1\]", r"\(\)", 0),
+    ],
+)
+def test_leaf_without_the_mapped_axis_is_a_value_error(
+    transform, args, in_axes, where, shape, axis
+):
+    f = transform(lambda *a: a, in_axes=in_axes)
+    pattern = rf"{where} along axis {axis}.*out of range for its shape {shape}"
+    with pytest.raises(ValueError, match=pattern):
+        f(*args)
+    if transform is fj.filter_pmap:
+        with pytest.raises(ValueError, match=pattern):
+            f.lower(*args)
+    # The same function still works on arguments that have the axis.
+    good = tuple(jax.tree.map(lambda x: jnp.ones((N, N)), a) for a in args)
+    assert jax.tree.structure(f(*good)) == jax.tree.structure(good)

@@ -463,11 +463,21 @@ class _FilterVjpFn:
         return _backend.rebuild(spec.in_key, grads, [None] * spec.in_key.num_static)
 
     def _leaves_from_full_cotangent(self, cotangent: Any, ct_def) -> list:
-        # Also accept a cotangent for every output leaf (e.g. zeros for integer outputs):
-        # keep the ones at floating-point positions.
+        # Also accept a cotangent for every output leaf where every leaf is an array (e.g.
+        # zeros for integer outputs): keep the ones at floating-point positions. A
+        # cotangent on a non-array output (a Python number, a string) is an error, as
+        # in Equinox: it would be dropped silently.
         spec = self._spec
         if ct_def == spec.out_def:
             leaves = jtu.tree_leaves(cotangent)
+            statics = iter(spec.out_key.statics)
+            for index, differentiable in enumerate(spec.out_key.mask):
+                if not differentiable and not _backend.is_array_fast(next(statics)):
+                    raise ValueError(
+                        f"filter_vjp: the primal output at out{_path_of(cotangent, index)}: it is "
+                        "not an array, so it is not differentiated and its cotangent must be "
+                        f"`None`; got {_describe(leaves[index])}."
+                    )
             return [leaf for leaf, m in zip(leaves, spec.out_key.mask, strict=True) if m]
         raise ValueError(
             "filter_vjp: the cotangent must have the structure of the primal output with "

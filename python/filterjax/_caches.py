@@ -21,7 +21,8 @@ from typing import Any
 # and, after the last one dies, while it is among the MAX_FUNCTIONS most recently used
 # (strongly referenced), so that fresh wrappers made on every call compile nothing. Each
 # program keeps at most MAX_SIGNATURES static signatures (argument structures and static
-# values) compiled. A compiled CPU program costs ~1.5 MB, so these bound what functions
+# values) compiled, and at most as many call shapes (positional count and keyword names)
+# planned. A compiled CPU program costs ~1.5 MB, so these bound what functions
 # that are gone (lambdas made in a loop) can hold to ~50 MB.
 MAX_FUNCTIONS = 32
 MAX_SIGNATURES = 256

@@ -28,7 +28,15 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["FRAME_MARKER", "MARKER_NAME", "replacement_for", "translate", "translated", "watching"]
+__all__ = [
+    "FRAME_MARKER",
+    "MARKER_NAME",
+    "fresh_stacks",
+    "replacement_for",
+    "translate",
+    "translated",
+    "watching",
+]
 
 # The local variable name Equinox's stack walk looks for, and filterjax's value for it.
 # Any `bytes` works; Equinox only compares it with the ids of its own jit calls.
@@ -77,15 +85,51 @@ def watching() -> bool:
 
 
 def _inside_jit_stack(stack: Any) -> str:
-    """The frames Equinox recorded, from the `error_if` call out to filterjax's frame."""
-    pieces: list[str] = []
-    for item in stack if isinstance(stack, list | tuple) else ():
-        if type(item) is bytes:
-            if item == FRAME_MARKER:
-                break
-        elif type(item) is str and _PACKAGE_DIR not in item:
-            pieces.append(item)
+    """The frames Equinox recorded (innermost first), from the `error_if` call out to the
+    outermost filterjax-compiled function's frame, filterjax's own frames left out.
+
+    Without filterjax's marker (the check was traced for a program that filterjax did not
+    trace, and reused), the frames stop at the innermost Equinox jit; with no jit marker
+    at all, none are shown: the frames beyond a marker belong to the call that traced the
+    check, which need not be the one that failed."""
+    items = list(stack) if isinstance(stack, list | tuple) else []
+    markers = [i for i, item in enumerate(items) if type(item) is bytes]
+    ours = [i for i in markers if items[i] == FRAME_MARKER]
+    if ours:
+        end = ours[-1]
+    elif markers:
+        end = markers[0]
+    else:
+        return ""
+    pieces = [item for item in items[:end] if type(item) is str and _PACKAGE_DIR not in item]
     return "".join(reversed(pieces))
+
+
+def fresh_stacks() -> None:
+    """Make the `error_if` checks traced from here on record this trace's stack.
+
+    Equinox records the stack when it traces a check, inside its own `jax.jit` of the
+    check; a later trace that reaches the same check with the same shapes reuses JAX's
+    cached trace of it, stack and all, so a failure would show the frames of whichever call
+    traced the check first. Called where filterjax traces a function (never on a cache
+    hit), this evicts that one function from JAX's trace caches (and nothing else: every
+    other function keeps its traces), so the check is traced again under the current
+    stack. Does nothing unless Equinox is imported, or where JAX keeps no such caches."""
+    errors = sys.modules.get("equinox._errors")
+    if errors is None:
+        return
+    jitted = getattr(getattr(errors, "branched_error_if_impl_jit", None), "_cached", None)
+    fun = getattr(jitted, "_fun", None)
+    if fun is None:
+        return
+    try:
+        from jax._src import pjit
+        from jax._src.interpreters import partial_eval
+
+        for cache in (pjit._infer_params_cached, partial_eval.trace_to_jaxpr):
+            cache.evict_weakref(fun)
+    except Exception:  # another JAX: stacks may be stale, nothing worse
+        pass
 
 
 def _message(msg: str, stack: Any) -> str:

@@ -1,15 +1,19 @@
 """`explain_recompiles`: say why a filtered function compiled again, leaf by leaf.
 
-Off by default, and then free: the transforms test `enabled` only inside the functions
-they hand to `jax.jit`/`jax.pmap`, which run only when JAX traces (a new static key, or a
-new aval under an existing one), never on a call that hits a compiled program.
+Every trace records the trace's *signature* (per leaf path, in the call's own names: a
+static leaf's value, an array leaf's shape/dtype/weak type/sharding, each node's type and
+keys) under the function's *family* (its code object, or its type for a Module), on or
+off: the transforms call `on_trace` only inside the functions they hand to
+`jax.jit`/`jax.pmap`, which run only when JAX traces (a new static key, or a new aval
+under an existing one), never on a call that hits a compiled program. Recording while off
+is what lets the feature, switched on mid-run, explain the very next recompile against the
+programs compiled before, and count them. The records hold avals and static leaves, never
+tracers; each compiled program holds its own (`Records`, at most MAX_SIGNATURES), so they
+go when its compiled programs go, and the families are bounded (MAX_FAMILIES).
 
-On, every trace records the trace's *signature* (per leaf path, in the call's own names:
-a static leaf's value, an array leaf's shape/dtype/weak type/sharding, each node's type
-and keys) under the function's *family* (its code object, or its type for a Module), and
-every trace after the family's first logs one WARNING to the `"filterjax"` logger: the
-difference from the nearest earlier signature, with advice for the known patterns. The
-records hold avals and static leaves, never tracers, and are bounded.
+On (off by default), every trace after the family's first logs one WARNING to the
+`"filterjax"` logger: the difference from the nearest earlier signature, with advice for
+the known patterns.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import re
 import threading
 import types
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -75,7 +80,9 @@ def explain_recompiles(enable: bool = True) -> _Switch:
     how many programs it now has, the nearest earlier signature, what differs by leaf path
     in the call's own names (`args[1]['scale']`, `kwargs['cfg'].act`,
     `fun.layers[0].activation`), and advice for the known patterns. Nothing is logged on
-    cache hits or first compiles; off (the default), it costs nothing.
+    cache hits or first compiles; off (the default), it costs nothing on calls. Signatures
+    are recorded whenever a function traces, on or off, so switched on mid-run it explains
+    the next recompile against the programs compiled before.
 
     Also switched on by the environment variable `FILTERJAX_EXPLAIN_RECOMPILES=1`.
 
@@ -104,13 +111,51 @@ def explain_recompiles(enable: bool = True) -> _Switch:
 # Signatures
 
 
-@dataclasses.dataclass(frozen=True)
 class _Aval:
-    shape: tuple
-    dtype: str
-    weak_type: bool
-    sharding: str
-    short: str
+    """An array leaf's abstract value, rendered only when a difference is explained:
+    recording (every trace) keeps just JAX's aval."""
+
+    __slots__ = ("aval",)
+
+    def __init__(self, aval: Any):
+        self.aval = aval
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(getattr(self.aval, "shape", ()))
+
+    @property
+    def dtype(self) -> str:
+        return str(getattr(self.aval, "dtype", "?"))
+
+    @property
+    def weak_type(self) -> bool:
+        return bool(getattr(self.aval, "weak_type", False))
+
+    @property
+    def sharding(self) -> str:
+        return _sharding_str(getattr(self.aval, "sharding", None))
+
+    @property
+    def short(self) -> str:
+        aval = self.aval
+        return aval.str_short() if hasattr(aval, "str_short") else str(aval)
+
+    def _parts(self) -> tuple:
+        return (self.shape, self.dtype, self.weak_type, self.sharding)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not _Aval:
+            return NotImplemented
+        try:
+            if self.aval == other.aval:
+                return True
+        except Exception:
+            pass
+        return self._parts() == other._parts()
+
+    def __hash__(self) -> int:
+        return hash(self.shape)
 
 
 class _Signature:
@@ -124,12 +169,31 @@ class _Signature:
         self.number = number
 
 
+class Records(list):
+    """The signatures recorded for one compiled program (a `_JitProgram` or `_PmapProgram`
+    holds its own): they live exactly as long as the program, so that recording holds no
+    function or static value after its compiled programs are gone. At most MAX_SIGNATURES,
+    the oldest forgotten first."""
+
+    __slots__ = ("__weakref__",)
+
+
 class _Family:
-    __slots__ = ("count", "signatures")
+    __slots__ = ("count", "holders")
 
     def __init__(self) -> None:
         self.count = 0
-        self.signatures: list[_Signature] = []
+        self.holders: list[weakref.ref[Records]] = []
+
+    def signatures(self, records: Records) -> list[_Signature]:
+        """Every live program's signatures, oldest first; `records` joins the family."""
+        live = [ref for ref in self.holders if ref() is not None]
+        if not any(ref() is records for ref in live):
+            live.append(weakref.ref(records))
+        self.holders = live
+        found = [signature for ref in live for signature in ref() or ()]
+        found.sort(key=lambda signature: signature.number)
+        return found
 
 
 _families: OrderedDict[Any, _Family] = OrderedDict()
@@ -148,16 +212,9 @@ def _aval_of(leaf: Any) -> _Aval | None:
     from ._compat import typeof
 
     try:
-        aval = typeof(leaf)
+        return _Aval(typeof(leaf))
     except Exception:
         return None
-    return _Aval(
-        tuple(getattr(aval, "shape", ())),
-        str(getattr(aval, "dtype", "?")),
-        bool(getattr(aval, "weak_type", False)),
-        _sharding_str(getattr(aval, "sharding", None)),
-        aval.str_short() if hasattr(aval, "str_short") else str(aval),
-    )
 
 
 def _sharding_str(sharding: Any) -> str:
@@ -492,16 +549,29 @@ def _qualname(fun: Any) -> str:
     return name
 
 
-def on_trace(transform: str, core: Any, fun: Any, args: tuple, kwargs: dict) -> None:
-    """Called (when `enabled`) by a transform's traced function, with the function and
-    the arguments it is traced with (tracers at the dynamic leaves)."""
+def on_trace(
+    records: Records, transform: str, core: Any, fun: Any, args: tuple, kwargs: dict
+) -> None:
+    """Called by a transform's traced function, with its program's `records`, the function
+    and the arguments it is traced with (tracers at the dynamic leaves): records the
+    signature, and explains it when `enabled`."""
     try:
-        _explain(transform, core, fun, args, kwargs)
+        _explain(records, transform, core, fun, args, kwargs)
     except Exception:  # an explanation must never break a trace
         logger.debug("filterjax could not explain a recompile", exc_info=True)
 
 
-def _explain(transform: str, core: Any, fun: Any, args: tuple, kwargs: dict) -> None:
+def _record(family: _Family, records: Records, signature: _Signature) -> None:
+    with _lock:
+        family.count += 1
+        signature.number = family.count
+        records.append(signature)
+        del records[:-MAX_SIGNATURES]
+
+
+def _explain(
+    records: Records, transform: str, core: Any, fun: Any, args: tuple, kwargs: dict
+) -> None:
     family_key = _family_key(transform, fun)
     with _lock:
         family = _families.get(family_key)
@@ -510,8 +580,8 @@ def _explain(transform: str, core: Any, fun: Any, args: tuple, kwargs: dict) -> 
             while len(_families) > MAX_FAMILIES:
                 _families.popitem(last=False)
         _families.move_to_end(family_key)
+        earlier = family.signatures(records)
     signature = _signature(fun, args, kwargs, core.is_array, family.count + 1)
-    earlier = list(family.signatures)
     nearest: _Signature | None = None
     nearest_differences: list[_Difference] = []
     for candidate in reversed(earlier):  # ties go to the most recent
@@ -520,13 +590,9 @@ def _explain(transform: str, core: Any, fun: Any, args: tuple, kwargs: dict) -> 
             return  # the same signature traced again (by JAX, not a new program)
         if nearest is None or len(differences) < len(nearest_differences):
             nearest, nearest_differences = candidate, differences
-    with _lock:
-        family.count += 1
-        signature.number = family.count
-        family.signatures.append(signature)
-        del family.signatures[:-MAX_SIGNATURES]
-    if nearest is None:
-        return  # the function's first program
+    _record(family, records, signature)
+    if nearest is None or not enabled:
+        return  # the function's first program, or recorded only
     lines = [
         f"filterjax: {_qualname(fun)} ({transform}) compiled a new program; it now has "
         f"{family.count} programs. Compared with the nearest earlier signature "

@@ -197,7 +197,11 @@ def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = 
     # This frame is where the stack of an `eqx.error_if` ends: Equinox records the marker
     # held in this local, and `_equinox_errors.translate` cuts there.
     __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841
-    out = fun(*args, **kwargs)
+    _equinox_errors.fresh_stacks()
+    try:
+        out = fun(*args, **kwargs)
+    finally:  # and this trace's stacks are not reused by later traces either
+        _equinox_errors.fresh_stacks()
     out_dynamic, out_key = (core or _backend).partition(out, None, None, False)
     if out_key.num_static == 0:
         # JAX rebuilds an all-array output itself, from the output treedef of the trace.
@@ -223,6 +227,7 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
     core = program.core
     fun_key = program.fun_key
     static_fun = program.static_fun
+    records = program.records
 
     def fun_and_dynamic(parts: tuple) -> tuple[Callable, tuple]:
         if static_fun is not None:  # no `leading` argument
@@ -236,8 +241,8 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
             fun, (first_dynamic, rest_dynamic) = fun_and_dynamic(parts)
             (first,) = core.rebuild(first_key, first_dynamic)
             rest_args, kwargs = core.rebuild(rest_key, rest_dynamic)
-            if _explain.enabled:  # runs only when JAX traces: a new program
-                _explain.on_trace("filter_jit", core, fun, (first, *rest_args), kwargs)
+            # Runs only when JAX traces (a new program): recorded whether or not explained.
+            _explain.on_trace(records, "filter_jit", core, fun, (first, *rest_args), kwargs)
             return _run_and_split_output(fun, (first, *rest_args), kwargs, core)
 
         traced: Callable = traced_first_apart
@@ -246,8 +251,8 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
         def traced_together(*parts):
             fun, (dynamic,) = fun_and_dynamic(parts)
             args, kwargs = core.rebuild(key, dynamic)
-            if _explain.enabled:  # runs only when JAX traces: a new program
-                _explain.on_trace("filter_jit", core, fun, args, kwargs)
+            # Runs only when JAX traces (a new program): recorded whether or not explained.
+            _explain.on_trace(records, "filter_jit", core, fun, args, kwargs)
             return _run_and_split_output(fun, args, kwargs, core)
 
         traced = traced_together
@@ -305,7 +310,10 @@ class _JitProgram:
         self.silence_unused_donation = donate in ("all", "all-except-first")
         self.plans: dict = {}
         self.programs: dict = {}
-        self._lock = threading.Lock()
+        self.records = _explain.Records()  # signatures of the traces, for explanations
+        # Re-entrant: looking a key up runs static leaves' __eq__, which may call this
+        # same function (from the same thread) and compile another signature.
+        self._lock = threading.RLock()
         self.wrapper_class = _wrapper_class(core)
         self.fast = not (self.split_first or self.silence_unused_donation)
         self.metadata = metadata_of(fun)
@@ -340,6 +348,7 @@ class _JitProgram:
         programs = list(self.programs.values())
         self.programs.clear()
         self.plans.clear()
+        self.records.clear()
         for jitted in programs:
             jitted.clear_cache()
 
@@ -373,7 +382,8 @@ class _JitProgram:
                 plan = _make_plan(self.signature, args, kwargs)
             except TypeError as err:
                 raise _bind_error(self.qualname, err) from None
-            self.plans[shape] = plan
+            # Bounded like the programs: a shape forgotten is planned again when called.
+            _caches.bounded_insert(self.plans, shape, plan)
         if plan is IDENTITY_PLAN:
             return args, kwargs
         bound = apply_plan(plan, args, kwargs)

@@ -582,7 +582,8 @@ class _PmapProgram:
         self.uniform_out, self.out_axis = _uniform_axis(out_axes)
         self.silence_unused_donation = donate == "all"
         self.dummy = None if axis_size is None else np.zeros(axis_size, np.int8)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # a static leaf's __eq__ may call back in
+        self.records = _explain.Records()  # signatures of the traces, for explanations
         self._clear_cache()
         _caches.register_owner(self)
 
@@ -591,6 +592,7 @@ class _PmapProgram:
         # fast path (uniform axes), else by (key, per-leaf input axes, output groups).
         self.pmapped: dict = {}
         self.groups = 4
+        self.records.clear()
 
     def pmap_for(self, cache_key, key, leaf_axes: tuple | None, groups: int):
         pmapped = self.pmapped.get(cache_key)
@@ -604,7 +606,7 @@ class _PmapProgram:
         return pmapped
 
     def _make_pmap(self, key, leaf_axes: tuple | None, groups: int):
-        core, fun_key = self.core, self.fun_key
+        core, fun_key, records = self.core, self.fun_key, self.records
         uniform_out, out_axes = self.uniform_out, self.out_axes
 
         def parallelised(leaves):
@@ -613,10 +615,11 @@ class _PmapProgram:
             fun_dynamic, dynamic, _ = leaves
             fun = core.rebuild(fun_key, fun_dynamic)
             args = core.rebuild(key, list(dynamic))
-            if _explain.enabled:  # runs only when JAX traces: a new program
-                _explain.on_trace("filter_pmap", core, fun, args, {})
+            # Runs only when JAX traces (a new program): recorded whether or not explained.
+            _explain.on_trace(records, "filter_pmap", core, fun, args, {})
             if uniform_out:
                 return _run_and_split_output(fun, args, {}, core)
+            _equinox_errors.fresh_stacks()
             return _group_output(core, fun(*args), out_axes, groups)
 
         parallelised.__name__ = parallelised.__qualname__ = self.name
@@ -633,6 +636,7 @@ class _PmapProgram:
         )
 
     def run(self, pmapped, fun_dynamic, dynamic):
+        watching = _equinox_errors.watching()  # before dispatch: it silences callback logs
         with _equinox_errors.translated():
             if self.silence_unused_donation:
                 with warnings.catch_warnings():
@@ -640,16 +644,41 @@ class _PmapProgram:
                     out = pmapped((fun_dynamic, dynamic, self.dummy))
             else:
                 out = pmapped((fun_dynamic, dynamic, self.dummy))
-            if _equinox_errors.watching():
+            if watching:
                 # Devices run asynchronously: wait, so that a failed `eqx.error_if` is
                 # raised by this call rather than when `out` is used.
-                jax.block_until_ready(out)
+                try:
+                    jax.block_until_ready(out)
+                except Exception:
+                    _forget_failed_effects()
+                    raise
         return out
 
     def finish(self, out):
         if self.uniform_out:
             return _rebuild_output(out, self.core)
         return _ungroup_output(self.core, out)
+
+
+def _forget_failed_effects() -> None:
+    """Drop the per-device effect tokens of a pmapped call whose host callback failed.
+
+    JAX keeps each device's last effect token and waits on it at exit (and in
+    `jax.effects_barrier`); later calls through its C++ fast path do not replace it. Once
+    this call has raised the failure, the failed token would only raise it again at exit,
+    as an "Exception ignored in atexit callback" traceback. Tokens that completed are
+    kept."""
+    try:
+        from jax._src import dispatch
+
+        tokens = dispatch.runtime_tokens.output_runtime_tokens
+    except (ImportError, AttributeError):  # a JAX that keeps no such tokens
+        return
+    for device, token in list(tokens.items()):
+        try:
+            token.block_until_ready()
+        except Exception:
+            tokens.pop(device, None)
 
 
 # Compiled programs of every filter_pmap function (see `filterjax._caches`).
@@ -771,7 +800,7 @@ class _PmapWrapper(Wrapper):
             program.groups = groups = max(program.groups, more.needed)
             pmapped = self._pmapped_for(program, key, leaf_axes, groups)
             out = program.run(pmapped, fun_dynamic, dynamic)
-        except ValueError as err:
+        except (ValueError, IndexError) as err:  # jax.pmap: IndexError for a missing axis
             better = self._diagnose(program, args, key, leaf_axes, dynamic)
             if better is None:
                 raise
@@ -797,6 +826,11 @@ class _PmapWrapper(Wrapper):
         except _MoreOutputGroups as more:
             program.groups = groups = max(program.groups, more.needed)
             lowered = self._pmapped_for(program, key, leaf_axes, groups).lower(flat)
+        except (ValueError, IndexError) as err:
+            better = self._diagnose(program, args, key, leaf_axes, dynamic)
+            if better is None:
+                raise
+            raise better from err
         return _PmapLowered(program, fun_dynamic, lowered, (key, leaf_axes), self)
 
     def _require_mapped(self, program, leaf_axes, dynamic) -> None:
