@@ -123,6 +123,17 @@ def _call_failing(f, x=None):
     return _stack_functions(info)
 
 
+# jax older than 0.8 keeps no per-function trace cache that filterjax can make forget
+# Equinox's check, so there the stack is the one of the trace that first reached the check
+# (migrating.md says so).
+needs_fresh_stacks = pytest.mark.skipif(
+    not _equinox_errors.stacks_are_fresh(),
+    reason=f"jax {jax.__version__} cannot re-trace Equinox's check for a fresh stack",
+)
+
+
+@needs_fresh_stacks
+@needs_pmap_error_recovery
 @pytest.mark.parametrize("earlier_jit", [eqx.filter_jit, fj.filter_jit])
 def test_the_stack_is_the_failing_functions_own(earlier_jit):
     # The check is traced (and its stack recorded) once per shape by Equinox; whatever
@@ -138,6 +149,7 @@ def test_the_stack_is_the_failing_functions_own(earlier_jit):
     assert _call_failing(fj.filter_pmap(_through_check), devices) == mine
 
 
+@needs_fresh_stacks
 def test_nested_filter_jit_stack_never_shows_another_calls_frames():
     inner = fj.filter_jit(_through_check)
     assert _call_failing(inner) == ["_through_check", "_shared_check"]
@@ -302,6 +314,7 @@ def test_filterjax_never_imports_equinox():
     assert result.stdout.strip() == "ok"
 
 
+@needs_pmap_error_recovery
 def test_caught_runtime_errors_leave_no_traceback_at_exit(backend):
     # A failed check in a pmapped program leaves failed effect tokens that JAX waits on
     # at exit; once filter_pmap has raised the error, nothing must be printed again then.

@@ -122,14 +122,33 @@ def fresh_stacks() -> None:
     fun = getattr(jitted, "_fun", None)
     if fun is None:
         return
+    for cache in _trace_caches():
+        try:
+            cache.evict_weakref(fun)
+        except Exception:  # another JAX: stacks may be stale, nothing worse
+            pass
+
+
+def _trace_caches() -> tuple:
+    """JAX's per-function trace caches that can forget one function (jax >= 0.8); none
+    on older releases, where a check's stack is the one of the trace that first reached it."""
     try:
         from jax._src import pjit
         from jax._src.interpreters import partial_eval
+    except ImportError:
+        return ()
+    caches = (
+        getattr(pjit, "_infer_params_cached", None),
+        getattr(partial_eval, "trace_to_jaxpr", None),
+    )
+    if not all(hasattr(cache, "evict_weakref") for cache in caches):
+        return ()
+    return caches
 
-        for cache in (pjit._infer_params_cached, partial_eval.trace_to_jaxpr):
-            cache.evict_weakref(fun)
-    except Exception:  # another JAX: stacks may be stale, nothing worse
-        pass
+
+def stacks_are_fresh() -> bool:
+    """Whether `fresh_stacks` can work on this jax (see `_trace_caches`)."""
+    return bool(_trace_caches())
 
 
 def _message(msg: str, stack: Any) -> str:
