@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from . import _backend
-from ._jit import _callable_as_tree
+from ._compile_utils import _callable_as_tree
 
 __all__ = ["filter_eval_shape"]
 

@@ -179,7 +179,7 @@ def _sharding_str(sharding: Any) -> str:
 
 
 def _tree_classes() -> tuple[Any, Any]:
-    from ._jit import _MethodTree, _PartialTree
+    from ._compile_utils import _MethodTree, _PartialTree
 
     return _PartialTree, _MethodTree
 

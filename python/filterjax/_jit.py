@@ -20,14 +20,11 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-import types
 import warnings
 from collections.abc import Callable
 from typing import (
     Any,
     Concatenate,
-    Generic,
-    Literal,
     ParamSpec,
     Protocol,
     TypeVar,
@@ -38,8 +35,20 @@ import jax
 import jax.tree_util as jtu
 
 from . import _backend, _caches, _equinox_errors, _explain
-from ._errors import UnhashableStaticError, rename_root, unhashable_message
-from ._pycore import apply_plan
+from ._compile_utils import (
+    _DONATE_MODES,
+    _UNUSED_DONATION,
+    Lowered,
+    _callable_as_tree,
+    _callable_from_tree,
+    _Donate,
+    _OutputSpec,
+    _rebuild_output,
+    _renamed,
+    _run_and_split_output,
+)
+from ._errors import UnhashableStaticError, rename_root
+from ._plans import IDENTITY_PLAN, _make_plan, apply_plan
 from ._wrapper import Wrapper, callable_name, metadata_of
 
 __all__ = ["filter_jit"]
@@ -48,116 +57,10 @@ _P = ParamSpec("_P")
 _Q = ParamSpec("_Q")
 _T = TypeVar("_T")
 
-_Donate = Literal["all", "all-except-first", "warn", "warn-except-first", "none"]
-_DONATE_MODES = ("all", "all-except-first", "warn", "warn-except-first", "none")
-_UNUSED_DONATION = "Some donated buffers were not usable*"
 # jax.jit options that filter_jit decides itself.
 _RESERVED_JIT_KWARGS = frozenset(
     {"static_argnums", "static_argnames", "donate_argnums", "donate_argnames"}
 )
-
-
-# ---------------------------------------------------------------------------------------
-# `fun` as a PyTree: a functools.partial or bound method holding arrays has them traced.
-
-
-class _PartialTree:
-    """A functools.partial seen as a PyTree, so the arrays it holds are traced."""
-
-    __slots__ = ("func", "args", "keywords")
-
-    def __init__(self, func, args, keywords):
-        self.func = func
-        self.args = args
-        self.keywords = keywords
-
-    def __call__(self, *args, **kwargs):
-        return self.func(*self.args, *args, **{**self.keywords, **kwargs})
-
-
-class _MethodTree:
-    """A bound method seen as a PyTree (`__func__`, `__self__`)."""
-
-    __slots__ = ("func", "instance")
-
-    def __init__(self, func, instance):
-        self.func = func
-        self.instance = instance
-
-    def __call__(self, *args, **kwargs):
-        return self.func(self.instance, *args, **kwargs)
-
-
-jtu.register_pytree_node(
-    _PartialTree,
-    lambda p: ((p.func, p.args, p.keywords), None),
-    lambda _, children: _PartialTree(*children),
-)
-jtu.register_pytree_node(
-    _MethodTree,
-    lambda m: ((m.func, m.instance), None),
-    lambda _, children: _MethodTree(*children),
-)
-
-
-def _callable_as_tree(fun: Any) -> Any:
-    if type(fun) is functools.partial:
-        return _PartialTree(_callable_as_tree(fun.func), fun.args, dict(fun.keywords))
-    if type(fun) is types.MethodType:
-        return _MethodTree(_callable_as_tree(fun.__func__), fun.__self__)
-    return fun
-
-
-def _callable_from_tree(tree: Any) -> Any:
-    """Inverse of `_callable_as_tree`: the callable as the user gave it."""
-    if type(tree) is _PartialTree:
-        return functools.partial(_callable_from_tree(tree.func), *tree.args, **tree.keywords)
-    if type(tree) is _MethodTree:
-        return types.MethodType(_callable_from_tree(tree.func), tree.instance)
-    return tree
-
-
-# ---------------------------------------------------------------------------------------
-# Argument binding, cached per call shape (number of positionals, keyword names).
-
-
-class _Slot:
-    """Placeholder bound in place of a real argument, to learn where each one lands."""
-
-    __slots__ = ("source",)
-
-    def __init__(self, source: int | str):
-        self.source = source
-
-
-class _IdentityPlan:
-    """The plan of calls already in the function's normal form: arguments pass as given."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<identity plan>"
-
-
-IDENTITY_PLAN = _IdentityPlan()
-
-
-def _make_plan(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> Any:
-    """How calls shaped like `(args, kwargs)` map onto `signature.bind(...)`'s normal form.
-
-    `IDENTITY_PLAN`, or `(argument sources, ((keyword, source), ...))` where a source is a
-    position in the call's `args` or a name in its `kwargs`: the form the core's
-    Dispatchers apply (`_pycore.apply_plan`). Raises the TypeError `signature.bind` raises
-    when such calls can't bind.
-    """
-    if signature is None:
-        return IDENTITY_PLAN
-    bound = signature.bind(*map(_Slot, range(len(args))), **{k: _Slot(k) for k in kwargs})
-    arg_sources = tuple(slot.source for slot in bound.args)
-    kwarg_sources = tuple((name, slot.source) for name, slot in bound.kwargs.items())
-    if arg_sources == tuple(range(len(args))) and all(n == s for n, s in kwarg_sources):
-        return IDENTITY_PLAN
-    return arg_sources, kwarg_sources
 
 
 def _signature_of(fun: Callable) -> inspect.Signature | None:
@@ -169,50 +72,6 @@ def _signature_of(fun: Callable) -> inspect.Signature | None:
 
 def _bind_error(name: str, err: TypeError) -> TypeError:
     return TypeError(f"{name}() {err}")
-
-
-# ---------------------------------------------------------------------------------------
-# The traced function and its output.
-
-
-class _OutputSpec:
-    """Static part of one trace's output.
-
-    Returned from the traced function as the single key of a dict
-    (`{_OutputSpec(key): dynamic_leaves}`), so that JAX stores it in the compiled
-    signature's output treedef and hands the same object back on every call. Hashed by
-    identity, so unhashable static outputs are fine.
-    """
-
-    __slots__ = ("key",)
-
-    def __init__(self, key):
-        self.key = key
-
-    def __repr__(self) -> str:
-        return "<filterjax output>"
-
-
-def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = None) -> Any:
-    # This frame is where the stack of an `eqx.error_if` ends: Equinox records the marker
-    # held in this local, and `_equinox_errors.translate` cuts there.
-    __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841
-    out = fun(*args, **kwargs)
-    out_dynamic, out_key = (core or _backend).partition(out, None, None, False)
-    if out_key.num_static == 0:
-        # JAX rebuilds an all-array output itself, from the output treedef of the trace.
-        # A lone dict keyed by an _OutputSpec is how a trace with static outputs says so.
-        if not (type(out) is dict and len(out) == 1 and type(next(iter(out))) is _OutputSpec):
-            return out
-    return {_OutputSpec(out_key): out_dynamic}
-
-
-def _rebuild_output(out: Any, core: Any = None) -> Any:
-    if type(out) is dict and len(out) == 1:
-        ((spec, leaves),) = out.items()
-        if type(spec) is _OutputSpec:
-            return (core or _backend).rebuild(spec.key, leaves)
-    return out
 
 
 def _make_traced(program: _JitProgram, key: Any) -> Callable:
@@ -560,70 +419,6 @@ def _static_comparison_error(args: tuple, kwargs: dict, err: Exception) -> TypeE
                 "array."
             )
     return TypeError(f"A static argument could not be compared with __eq__: {err}")
-
-
-def _renamed(err: UnhashableStaticError, roots: tuple[str, ...]) -> UnhashableStaticError:
-    """The same error, with the leaf's path named from the call (`args[1]['cfg']`)."""
-    where = rename_root(err.path, roots) if len(roots) > 1 else roots[0] + jtu.keystr(err.path)
-    message = unhashable_message(where, err.leaf_type or object, err.__cause__)
-    return UnhashableStaticError(message, err.path, err.leaf_type)
-
-
-class Lowered(Generic[_T]):
-    """A `filter_jit` function lowered for one call signature (see `JitFunction.lower`).
-
-    `owner` is the wrapper it was lowered from, for compiled types that need it.
-    """
-
-    def __init__(self, program: Any, leading: Any, lowered, key, owner: Any = None):
-        self._program = program
-        self._leading = leading
-        self._lowered = lowered
-        self._key = key
-        self._owner = owner
-
-    def as_text(self, *args, **kwargs) -> str:
-        """The lowered program as text (StableHLO by default)."""
-        return self._lowered.as_text(*args, **kwargs)
-
-    def compiler_ir(self, *args, **kwargs):
-        return self._lowered.compiler_ir(*args, **kwargs)
-
-    def compile(self, *args, **kwargs) -> Compiled[_T]:
-        """Compile the lowered program."""
-        compiled = self._lowered.compile(*args, **kwargs)
-        return self._compiled_type(self._program, self._leading, compiled, self._key, self._owner)
-
-    @property
-    def _compiled_type(self) -> type[Compiled]:
-        return Compiled
-
-
-class Compiled(Generic[_T]):
-    """A compiled `filter_jit` program, callable with the arguments it was lowered for."""
-
-    def __init__(self, program: Any, leading: Any, compiled, key, owner: Any = None):
-        self._program = program
-        self._leading = leading
-        self._compiled = compiled
-        self._key = key
-        self._owner = owner
-
-    def as_text(self, *args, **kwargs) -> str:
-        return self._compiled.as_text(*args, **kwargs)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _T:
-        key, dynamic = self._program.arguments(args, kwargs)
-        if key != self._key:
-            raise TypeError(
-                f"This compiled {self._program.name} was lowered for arguments with another "
-                "tree structure or other static (non-array) values than the ones it was "
-                "called with. Lower and compile again for these arguments, or call the "
-                "filter_jit function itself (which compiles as needed)."
-            )
-        with _equinox_errors.translated():
-            out = self._compiled(*self._program.head(self._leading), *dynamic)
-        return _rebuild_output(out, self._program.core)
 
 
 @overload

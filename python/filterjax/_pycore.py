@@ -24,6 +24,7 @@ from ._diagnose import (
     raise_structure_error,
 )
 from ._errors import static_equality_note, unhashable_static
+from ._plans import apply_plan
 
 __all__ = [
     "StaticKey",
@@ -304,25 +305,6 @@ class Dispatcher:
         if instance is None:
             return self
         return MethodType(self, instance)
-
-
-def apply_plan(plan: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """`(args, kwargs)` bound by `plan = (argument sources, keyword sources)`, where a
-    source is a position in `args` or a name in `kwargs`; None if the call does not fit."""
-    if type(plan) is not tuple or len(plan) != 2:
-        return None
-    arg_sources, kw_sources = plan
-    try:
-        bound_args = tuple(
-            kwargs[source] if type(source) is str else args[source] for source in arg_sources
-        )
-        bound_kwargs = {
-            name: kwargs[source] if type(source) is str else args[source]
-            for name, source in kw_sources
-        }
-    except (KeyError, IndexError):
-        return None
-    return bound_args, bound_kwargs
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,9 +29,8 @@ import jax.tree_util as jtu
 import numpy as np
 
 from . import _backend, _caches, _equinox_errors, _explain
-from ._errors import UnhashableStaticError, format_path
-from ._filters import if_array
-from ._jit import (
+from ._compile_utils import (
+    _UNUSED_DONATION,
     Compiled,
     Lowered,
     _callable_as_tree,
@@ -40,11 +39,11 @@ from ._jit import (
     _renamed,
     _run_and_split_output,
 )
+from ._errors import UnhashableStaticError, format_path
+from ._filters import if_array
 from ._wrapper import Wrapper, callable_name, copy_metadata
 
 __all__ = ["filter_vmap", "filter_pmap"]
-
-_UNUSED_DONATION = "Some donated buffers were not usable*"
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,190 @@
+"""Compile plumbing shared by the transforms that trace a function once per static
+signature (filter_jit, filter_pmap, filter_eval_shape, filter_make_jaxpr, ...).
+
+Nothing here belongs to one transform: the callable-as-PyTree classes, carrying a
+trace's static output out through JAX's output treedef and rebuilding it, naming a leaf's
+path from the call, `Lowered`/`Compiled`, the donation modes and their unused-donation
+warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from typing import Any, Generic, Literal, TypeVar
+
+import jax.tree_util as jtu
+
+from . import _backend, _equinox_errors
+from ._errors import UnhashableStaticError, rename_root, unhashable_message
+
+_T = TypeVar("_T")
+
+_Donate = Literal["all", "all-except-first", "warn", "warn-except-first", "none"]
+_DONATE_MODES = ("all", "all-except-first", "warn", "warn-except-first", "none")
+_UNUSED_DONATION = "Some donated buffers were not usable*"
+
+
+# ---------------------------------------------------------------------------------------
+# `fun` as a PyTree: a functools.partial or bound method holding arrays has them traced.
+
+
+class _PartialTree:
+    """A functools.partial seen as a PyTree, so the arrays it holds are traced."""
+
+    __slots__ = ("func", "args", "keywords")
+
+    def __init__(self, func, args, keywords):
+        self.func = func
+        self.args = args
+        self.keywords = keywords
+
+    def __call__(self, *args, **kwargs):
+        return self.func(*self.args, *args, **{**self.keywords, **kwargs})
+
+
+class _MethodTree:
+    """A bound method seen as a PyTree (`__func__`, `__self__`)."""
+
+    __slots__ = ("func", "instance")
+
+    def __init__(self, func, instance):
+        self.func = func
+        self.instance = instance
+
+    def __call__(self, *args, **kwargs):
+        return self.func(self.instance, *args, **kwargs)
+
+
+jtu.register_pytree_node(
+    _PartialTree,
+    lambda p: ((p.func, p.args, p.keywords), None),
+    lambda _, children: _PartialTree(*children),
+)
+jtu.register_pytree_node(
+    _MethodTree,
+    lambda m: ((m.func, m.instance), None),
+    lambda _, children: _MethodTree(*children),
+)
+
+
+def _callable_as_tree(fun: Any) -> Any:
+    if type(fun) is functools.partial:
+        return _PartialTree(_callable_as_tree(fun.func), fun.args, dict(fun.keywords))
+    if type(fun) is types.MethodType:
+        return _MethodTree(_callable_as_tree(fun.__func__), fun.__self__)
+    return fun
+
+
+def _callable_from_tree(tree: Any) -> Any:
+    """Inverse of `_callable_as_tree`: the callable as the user gave it."""
+    if type(tree) is _PartialTree:
+        return functools.partial(_callable_from_tree(tree.func), *tree.args, **tree.keywords)
+    if type(tree) is _MethodTree:
+        return types.MethodType(_callable_from_tree(tree.func), tree.instance)
+    return tree
+
+
+class _OutputSpec:
+    """Static part of one trace's output.
+
+    Returned from the traced function as the single key of a dict
+    (`{_OutputSpec(key): dynamic_leaves}`), so that JAX stores it in the compiled
+    signature's output treedef and hands the same object back on every call. Hashed by
+    identity, so unhashable static outputs are fine.
+    """
+
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+    def __repr__(self) -> str:
+        return "<filterjax output>"
+
+
+def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = None) -> Any:
+    # This frame is where the stack of an `eqx.error_if` ends: Equinox records the marker
+    # held in this local, and `_equinox_errors.translate` cuts there.
+    __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841
+    out = fun(*args, **kwargs)
+    out_dynamic, out_key = (core or _backend).partition(out, None, None, False)
+    if out_key.num_static == 0:
+        # JAX rebuilds an all-array output itself, from the output treedef of the trace.
+        # A lone dict keyed by an _OutputSpec is how a trace with static outputs says so.
+        if not (type(out) is dict and len(out) == 1 and type(next(iter(out))) is _OutputSpec):
+            return out
+    return {_OutputSpec(out_key): out_dynamic}
+
+
+def _rebuild_output(out: Any, core: Any = None) -> Any:
+    if type(out) is dict and len(out) == 1:
+        ((spec, leaves),) = out.items()
+        if type(spec) is _OutputSpec:
+            return (core or _backend).rebuild(spec.key, leaves)
+    return out
+
+
+def _renamed(err: UnhashableStaticError, roots: tuple[str, ...]) -> UnhashableStaticError:
+    """The same error, with the leaf's path named from the call (`args[1]['cfg']`)."""
+    where = rename_root(err.path, roots) if len(roots) > 1 else roots[0] + jtu.keystr(err.path)
+    message = unhashable_message(where, err.leaf_type or object, err.__cause__)
+    return UnhashableStaticError(message, err.path, err.leaf_type)
+
+
+class Lowered(Generic[_T]):
+    """A `filter_jit` function lowered for one call signature (see `JitFunction.lower`).
+
+    `owner` is the wrapper it was lowered from, for compiled types that need it.
+    """
+
+    def __init__(self, program: Any, leading: Any, lowered, key, owner: Any = None):
+        self._program = program
+        self._leading = leading
+        self._lowered = lowered
+        self._key = key
+        self._owner = owner
+
+    def as_text(self, *args, **kwargs) -> str:
+        """The lowered program as text (StableHLO by default)."""
+        return self._lowered.as_text(*args, **kwargs)
+
+    def compiler_ir(self, *args, **kwargs):
+        return self._lowered.compiler_ir(*args, **kwargs)
+
+    def compile(self, *args, **kwargs) -> Compiled[_T]:
+        """Compile the lowered program."""
+        compiled = self._lowered.compile(*args, **kwargs)
+        return self._compiled_type(self._program, self._leading, compiled, self._key, self._owner)
+
+    @property
+    def _compiled_type(self) -> type[Compiled]:
+        return Compiled
+
+
+class Compiled(Generic[_T]):
+    """A compiled `filter_jit` program, callable with the arguments it was lowered for."""
+
+    def __init__(self, program: Any, leading: Any, compiled, key, owner: Any = None):
+        self._program = program
+        self._leading = leading
+        self._compiled = compiled
+        self._key = key
+        self._owner = owner
+
+    def as_text(self, *args, **kwargs) -> str:
+        return self._compiled.as_text(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _T:
+        key, dynamic = self._program.arguments(args, kwargs)
+        if key != self._key:
+            raise TypeError(
+                f"This compiled {self._program.name} was lowered for arguments with another "
+                "tree structure or other static (non-array) values than the ones it was "
+                "called with. Lower and compile again for these arguments, or call the "
+                "filter_jit function itself (which compiles as needed)."
+            )
+        with _equinox_errors.translated():
+            out = self._compiled(*self._program.head(self._leading), *dynamic)
+        return _rebuild_output(out, self._program.core)
