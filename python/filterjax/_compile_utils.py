@@ -21,16 +21,16 @@ from ._errors import UnhashableStaticError, rename_root, unhashable_message
 
 _T = TypeVar("_T")
 
-_Donate = Literal["all", "all-except-first", "warn", "warn-except-first", "none"]
-_DONATE_MODES = ("all", "all-except-first", "warn", "warn-except-first", "none")
-_UNUSED_DONATION = "Some donated buffers were not usable*"
+Donate = Literal["all", "all-except-first", "warn", "warn-except-first", "none"]
+DONATE_MODES = ("all", "all-except-first", "warn", "warn-except-first", "none")
+UNUSED_DONATION = "Some donated buffers were not usable*"
 
 
 # ---------------------------------------------------------------------------------------
 # `fun` as a PyTree: a functools.partial or bound method holding arrays has them traced.
 
 
-class _PartialTree:
+class PartialTree:
     """A functools.partial seen as a PyTree, so the arrays it holds are traced."""
 
     __slots__ = ("func", "args", "keywords")
@@ -44,7 +44,7 @@ class _PartialTree:
         return self.func(*self.args, *args, **{**self.keywords, **kwargs})
 
 
-class _MethodTree:
+class MethodTree:
     """A bound method seen as a PyTree (`__func__`, `__self__`)."""
 
     __slots__ = ("func", "instance")
@@ -58,39 +58,39 @@ class _MethodTree:
 
 
 jtu.register_pytree_node(
-    _PartialTree,
+    PartialTree,
     lambda p: ((p.func, p.args, p.keywords), None),
-    lambda _, children: _PartialTree(*children),
+    lambda _, children: PartialTree(*children),
 )
 jtu.register_pytree_node(
-    _MethodTree,
+    MethodTree,
     lambda m: ((m.func, m.instance), None),
-    lambda _, children: _MethodTree(*children),
+    lambda _, children: MethodTree(*children),
 )
 
 
-def _callable_as_tree(fun: Any) -> Any:
+def callable_as_tree(fun: Any) -> Any:
     if type(fun) is functools.partial:
-        return _PartialTree(_callable_as_tree(fun.func), fun.args, dict(fun.keywords))
+        return PartialTree(callable_as_tree(fun.func), fun.args, dict(fun.keywords))
     if type(fun) is types.MethodType:
-        return _MethodTree(_callable_as_tree(fun.__func__), fun.__self__)
+        return MethodTree(callable_as_tree(fun.__func__), fun.__self__)
     return fun
 
 
-def _callable_from_tree(tree: Any) -> Any:
-    """Inverse of `_callable_as_tree`: the callable as the user gave it."""
-    if type(tree) is _PartialTree:
-        return functools.partial(_callable_from_tree(tree.func), *tree.args, **tree.keywords)
-    if type(tree) is _MethodTree:
-        return types.MethodType(_callable_from_tree(tree.func), tree.instance)
+def callable_from_tree(tree: Any) -> Any:
+    """Inverse of `callable_as_tree`: the callable as the user gave it."""
+    if type(tree) is PartialTree:
+        return functools.partial(callable_from_tree(tree.func), *tree.args, **tree.keywords)
+    if type(tree) is MethodTree:
+        return types.MethodType(callable_from_tree(tree.func), tree.instance)
     return tree
 
 
-class _OutputSpec:
+class OutputSpec:
     """Static part of one trace's output.
 
     Returned from the traced function as the single key of a dict
-    (`{_OutputSpec(key): dynamic_leaves}`), so that JAX stores it in the compiled
+    (`{OutputSpec(key): dynamic_leaves}`), so that JAX stores it in the compiled
     signature's output treedef and hands the same object back on every call. Hashed by
     identity, so unhashable static outputs are fine.
     """
@@ -104,7 +104,7 @@ class _OutputSpec:
         return "<filterjax output>"
 
 
-def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = None) -> Any:
+def run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = None) -> Any:
     # This frame is where the stack of an `eqx.error_if` ends: Equinox records the marker
     # held in this local, and `_equinox_errors.translate` cuts there.
     __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841
@@ -112,21 +112,21 @@ def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = 
     out_dynamic, out_key = (core or _backend).partition(out, None, None, False)
     if out_key.num_static == 0:
         # JAX rebuilds an all-array output itself, from the output treedef of the trace.
-        # A lone dict keyed by an _OutputSpec is how a trace with static outputs says so.
-        if not (type(out) is dict and len(out) == 1 and type(next(iter(out))) is _OutputSpec):
+        # A lone dict keyed by an OutputSpec is how a trace with static outputs says so.
+        if not (type(out) is dict and len(out) == 1 and type(next(iter(out))) is OutputSpec):
             return out
-    return {_OutputSpec(out_key): out_dynamic}
+    return {OutputSpec(out_key): out_dynamic}
 
 
-def _rebuild_output(out: Any, core: Any = None) -> Any:
+def rebuild_output(out: Any, core: Any = None) -> Any:
     if type(out) is dict and len(out) == 1:
         ((spec, leaves),) = out.items()
-        if type(spec) is _OutputSpec:
+        if type(spec) is OutputSpec:
             return (core or _backend).rebuild(spec.key, leaves)
     return out
 
 
-def _renamed(err: UnhashableStaticError, roots: tuple[str, ...]) -> UnhashableStaticError:
+def with_call_path(err: UnhashableStaticError, roots: tuple[str, ...]) -> UnhashableStaticError:
     """The same error, with the leaf's path named from the call (`args[1]['cfg']`)."""
     where = rename_root(err.path, roots) if len(roots) > 1 else roots[0] + jtu.keystr(err.path)
     message = unhashable_message(where, err.leaf_type or object, err.__cause__)
@@ -187,4 +187,4 @@ class Compiled(Generic[_T]):
             )
         with _equinox_errors.translated():
             out = self._compiled(*self._program.head(self._leading), *dynamic)
-        return _rebuild_output(out, self._program.core)
+        return rebuild_output(out, self._program.core)

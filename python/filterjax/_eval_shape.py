@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from . import _backend
-from ._compile_utils import _callable_as_tree
+from ._compile_utils import callable_as_tree
 
 __all__ = ["filter_eval_shape"]
 
@@ -45,7 +45,7 @@ def filter_eval_shape(fun: Callable[..., Any], *args, **kwargs) -> Any:
         ```
     """
     dynamic, key = _backend.partition(
-        (_callable_as_tree(fun), args, kwargs), _is_traced, None, False
+        (callable_as_tree(fun), args, kwargs), _is_traced, None, False
     )
     side: list = []
 

@@ -36,19 +36,19 @@ import jax.tree_util as jtu
 
 from . import _backend, _caches, _equinox_errors, _explain
 from ._compile_utils import (
-    _DONATE_MODES,
-    _UNUSED_DONATION,
+    DONATE_MODES,
+    UNUSED_DONATION,
+    Donate,
     Lowered,
-    _callable_as_tree,
-    _callable_from_tree,
-    _Donate,
-    _OutputSpec,
-    _rebuild_output,
-    _renamed,
-    _run_and_split_output,
+    OutputSpec,
+    callable_as_tree,
+    callable_from_tree,
+    rebuild_output,
+    run_and_split_output,
+    with_call_path,
 )
 from ._errors import UnhashableStaticError, rename_root
-from ._plans import IDENTITY_PLAN, _make_plan, apply_plan
+from ._plans import IDENTITY_PLAN, apply_plan, make_plan
 from ._wrapper import Wrapper, callable_name, metadata_of
 
 __all__ = ["filter_jit"]
@@ -97,7 +97,7 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
             rest_args, kwargs = core.rebuild(rest_key, rest_dynamic)
             if _explain.enabled:  # runs only when JAX traces: a new program
                 _explain.on_trace("filter_jit", core, fun, (first, *rest_args), kwargs)
-            return _run_and_split_output(fun, (first, *rest_args), kwargs, core)
+            return run_and_split_output(fun, (first, *rest_args), kwargs, core)
 
         traced: Callable = traced_first_apart
     else:
@@ -107,7 +107,7 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
             args, kwargs = core.rebuild(key, dynamic)
             if _explain.enabled:  # runs only when JAX traces: a new program
                 _explain.on_trace("filter_jit", core, fun, args, kwargs)
-            return _run_and_split_output(fun, args, kwargs, core)
+            return run_and_split_output(fun, args, kwargs, core)
 
         traced = traced_together
     traced.__name__ = program.name
@@ -149,7 +149,7 @@ class _JitProgram:
     array leaves (`leading`). Bound to the core (native or Python) it was made with.
     """
 
-    def __init__(self, core: Any, fun: Callable, fun_key: Any, donate: _Donate, jitkwargs):
+    def __init__(self, core: Any, fun: Callable, fun_key: Any, donate: Donate, jitkwargs):
         self.core = core
         self.fun_key = fun_key
         self.donate = donate
@@ -184,7 +184,7 @@ class _JitProgram:
             self.programs,
             IDENTITY_PLAN,
             self._call,
-            _OutputSpec,
+            OutputSpec,
             leading,
             self.fast,
             _equinox_errors.replacement_for,
@@ -229,7 +229,7 @@ class _JitProgram:
         plan = self.plans.get(shape)
         if plan is None:
             try:
-                plan = _make_plan(self.signature, args, kwargs)
+                plan = make_plan(self.signature, args, kwargs)
             except TypeError as err:
                 raise _bind_error(self.qualname, err) from None
             self.plans[shape] = plan
@@ -257,7 +257,7 @@ class _JitProgram:
                 return (first_key, rest_key), (first_dynamic, rest_dynamic)
             dynamic, key = partition((args, kwargs))
         except UnhashableStaticError as err:
-            raise _renamed(err, ("args", "kwargs")) from err.__cause__
+            raise with_call_path(err, ("args", "kwargs")) from err.__cause__
         return key, (dynamic,)
 
     def program_for(self, key: Any, args: tuple, kwargs: dict) -> Any:
@@ -302,11 +302,11 @@ class _JitProgram:
         with _equinox_errors.translated():
             if self.silence_unused_donation:
                 with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
+                    warnings.filterwarnings("ignore", message=UNUSED_DONATION)
                     out = jitted(*self.head(leading), *dynamic)
             else:
                 out = jitted(*self.head(leading), *dynamic)
-        return _rebuild_output(out, self.core)
+        return rebuild_output(out, self.core)
 
     def lower(self, leading: tuple, args: tuple, kwargs: dict) -> Lowered:
         key, dynamic = self.arguments(args, kwargs)
@@ -340,7 +340,7 @@ class _JitWrapperBase(Wrapper):
 
     def _wrapped(self) -> Any:
         program = self._program
-        return _callable_from_tree(program.core.rebuild(program.fun_key, self.leading))
+        return callable_from_tree(program.core.rebuild(program.fun_key, self.leading))
 
     def _reduce(self) -> tuple[Callable, tuple]:
         program = self._program
@@ -360,7 +360,7 @@ class _JitWrapperBase(Wrapper):
         return hash((self._program, tuple(self.leading)))
 
 
-def _remake(fun: Callable, donate: _Donate, jitkwargs: dict) -> Any:
+def _remake(fun: Callable, donate: Donate, jitkwargs: dict) -> Any:
     return filter_jit(fun, donate=donate, **jitkwargs)
 
 
@@ -423,17 +423,17 @@ def _static_comparison_error(args: tuple, kwargs: dict, err: Exception) -> TypeE
 
 @overload
 def filter_jit(
-    *, donate: _Donate = "none", **jitkwargs: Any
+    *, donate: Donate = "none", **jitkwargs: Any
 ) -> Callable[[Callable[_P, _T]], JitFunction[_P, _T]]: ...
 
 
 @overload
 def filter_jit(
-    fun: Callable[_P, _T], *, donate: _Donate = "none", **jitkwargs: Any
+    fun: Callable[_P, _T], *, donate: Donate = "none", **jitkwargs: Any
 ) -> JitFunction[_P, _T]: ...
 
 
-def filter_jit(fun=None, *, donate: _Donate = "none", **jitkwargs):
+def filter_jit(fun=None, *, donate: Donate = "none", **jitkwargs):
     """An easier-to-use version of `jax.jit`. All JAX and NumPy arrays are traced, and
     all other types are held static.
 
@@ -497,7 +497,7 @@ def filter_jit(fun=None, *, donate: _Donate = "none", **jitkwargs):
         `filter_jit(donate="all-except-first")` and pass everything you don't want
         donated through the first argument (packed into a tuple if necessary).
     """
-    if donate not in _DONATE_MODES:
+    if donate not in DONATE_MODES:
         raise ValueError(
             "`filter_jit(..., donate=...)` must be one of 'all', 'all-except-first', "
             f"'warn', 'warn-except-first', or 'none'; got {donate!r}."
@@ -514,9 +514,9 @@ def filter_jit(fun=None, *, donate: _Donate = "none", **jitkwargs):
         raise TypeError(f"filter_jit expects a callable, got {type(fun).__name__}")
     core = _backend._core
     try:
-        leading, fun_key = core.partition(_callable_as_tree(fun))
+        leading, fun_key = core.partition(callable_as_tree(fun))
     except UnhashableStaticError as err:
-        raise _renamed(err, ("fun",)) from err.__cause__
+        raise with_call_path(err, ("fun",)) from err.__cause__
     program = _PROGRAMS.get_or_create(
         _program_key(core, fun_key, donate, jitkwargs),
         lambda: _JitProgram(core, fun, fun_key, donate, jitkwargs),

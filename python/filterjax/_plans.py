@@ -35,7 +35,7 @@ class _IdentityPlan:
 IDENTITY_PLAN = _IdentityPlan()
 
 
-def _make_plan(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> Any:
+def make_plan(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> Any:
     """How calls shaped like `(args, kwargs)` map onto `signature.bind(...)`'s normal form.
 
     `IDENTITY_PLAN`, or `(argument sources, ((keyword, source), ...))` where a source is a

@@ -30,14 +30,14 @@ import numpy as np
 
 from . import _backend, _caches, _equinox_errors, _explain
 from ._compile_utils import (
-    _UNUSED_DONATION,
+    UNUSED_DONATION,
     Compiled,
     Lowered,
-    _callable_as_tree,
-    _OutputSpec,
-    _rebuild_output,
-    _renamed,
-    _run_and_split_output,
+    OutputSpec,
+    callable_as_tree,
+    rebuild_output,
+    run_and_split_output,
+    with_call_path,
 )
 from ._errors import UnhashableStaticError, format_path
 from ._filters import if_array
@@ -613,7 +613,7 @@ class _PmapProgram:
             if _explain.enabled:  # runs only when JAX traces: a new program
                 _explain.on_trace("filter_pmap", core, fun, args, {})
             if uniform_out:
-                return _run_and_split_output(fun, args, {}, core)
+                return run_and_split_output(fun, args, {}, core)
             return _group_output(core, fun(*args), out_axes, groups)
 
         parallelised.__name__ = parallelised.__qualname__ = self.name
@@ -633,7 +633,7 @@ class _PmapProgram:
         with _equinox_errors.translated():
             if self.silence_unused_donation:
                 with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
+                    warnings.filterwarnings("ignore", message=UNUSED_DONATION)
                     out = pmapped((fun_dynamic, dynamic, self.dummy))
             else:
                 out = pmapped((fun_dynamic, dynamic, self.dummy))
@@ -645,7 +645,7 @@ class _PmapProgram:
 
     def finish(self, out):
         if self.uniform_out:
-            return _rebuild_output(out, self.core)
+            return rebuild_output(out, self.core)
         return _ungroup_output(self.core, out)
 
 
@@ -716,9 +716,9 @@ class _PmapWrapper(Wrapper):
         if state is None:
             core = _backend._core
             try:
-                fun_dynamic, fun_key = core.partition(_callable_as_tree(self._fun))
+                fun_dynamic, fun_key = core.partition(callable_as_tree(self._fun))
             except UnhashableStaticError as err:
-                raise _renamed(err, ("fun",)) from err.__cause__
+                raise with_call_path(err, ("fun",)) from err.__cause__
             options = (
                 self._in_axes,
                 self._out_axes,
@@ -743,7 +743,7 @@ class _PmapWrapper(Wrapper):
         try:
             dynamic, key = program.core.partition(args)
         except UnhashableStaticError as err:
-            raise _renamed(err, ("args",)) from err.__cause__
+            raise with_call_path(err, ("args",)) from err.__cause__
         if program.uniform_in and in_axes is self._in_axes:
             return key, None, dynamic
         leaves, _ = program.core.partition(args, _always, None, False)
@@ -874,7 +874,7 @@ def _group_output(core: Any, out: Any, out_axes: Any, groups: int) -> tuple:
             unmapped.append(leaf)
         else:
             placement.append((None, leaf))
-    spec = {_OutputSpec(_GroupedOutput(out_key, tuple(placement))): ()}
+    spec = {OutputSpec(_GroupedOutput(out_key, tuple(placement))): ()}
     return (spec, *by_axis, unmapped)
 
 
