@@ -132,7 +132,7 @@ def test_programs_kept_per_static_signature_are_bounded(monkeypatch):
     x = jnp.ones((jax.local_device_count(), 2))
     for k in range(6):
         np.testing.assert_allclose(f(x, k), k * np.ones((jax.local_device_count(), 2)))
-    assert len(f._state[0].pmapped) == 3
+    assert len(f._state[0].table.programs) == 3
 
 
 # Issue 11, gap 2: no mapped axis and no axis_size is a clear error, raised before JAX.

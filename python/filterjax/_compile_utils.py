@@ -10,13 +10,15 @@ warning.
 from __future__ import annotations
 
 import functools
+import threading
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
 
 import jax.tree_util as jtu
 
-from . import _backend, _equinox_errors
+from . import _backend, _caches, _equinox_errors
 from ._errors import UnhashableStaticError, rename_root, unhashable_message
 
 _T = TypeVar("_T")
@@ -24,6 +26,67 @@ _T = TypeVar("_T")
 Donate = Literal["all", "all-except-first", "warn", "warn-except-first", "none"]
 DONATE_MODES = ("all", "all-except-first", "warn", "warn-except-first", "none")
 UNUSED_DONATION = "Some donated buffers were not usable*"
+
+
+def check_options(
+    transform: str, donate: str, modes: tuple[str, ...], kwargs: dict, reserved: frozenset
+) -> None:
+    """Refuse a `donate` mode outside `modes`, and options of JAX's transform that
+    filterjax sets itself (`reserved`)."""
+    if donate not in modes:
+        listed = ", ".join(repr(mode) for mode in modes[:-1])
+        raise ValueError(
+            f"`{transform}(..., donate=...)` must be one of {listed}, or {modes[-1]!r}; "
+            f"got {donate!r}."
+        )
+    clash = reserved.intersection(kwargs)
+    if clash:
+        raise ValueError(
+            f"{transform} decides {sorted(clash)} itself: arrays are traced, everything "
+            "else is static; use `donate=` for donation."
+        )
+
+
+def call_donating(silence_unused: bool, program: Callable, *args: Any) -> Any:
+    """`program(*args)`, with JAX's warning about donated buffers it could not use
+    silenced when `silence_unused` (the modes `'all'` and `'all-except-first'`)."""
+    if not silence_unused:
+        return program(*args)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=UNUSED_DONATION)
+        return program(*args)
+
+
+class SignatureTable:
+    """Compiled programs by static signature: bounded (oldest forgotten first beyond
+    `_caches.MAX_SIGNATURES`), each made once however many threads miss it.
+
+    `programs` is a plain dict, which the core's Dispatchers read in place. The lock is
+    reentrant: a key comparison runs a static leaf's `__eq__`, user code that may call
+    the same transformed function from the thread holding the lock.
+    """
+
+    __slots__ = ("programs", "_lock")
+
+    def __init__(self) -> None:
+        self.programs: dict = {}
+        self._lock = threading.RLock()
+
+    def get_or_make(self, key: Any, make: Callable[[], Any]) -> Any:
+        found = self.programs.get(key)
+        if found is None:
+            with self._lock:
+                found = self.programs.get(key)
+                if found is None:
+                    found = make()
+                    _caches.bounded_insert(self.programs, key, found)
+        return found
+
+    def clear(self) -> list:
+        """Forget every program; returns them (to clear JAX's caches of each)."""
+        programs = list(self.programs.values())
+        self.programs.clear()
+        return programs
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
-import warnings
 from collections.abc import Callable
 from typing import (
     Any,
@@ -37,12 +35,14 @@ import jax.tree_util as jtu
 from . import _backend, _caches, _equinox_errors, _explain
 from ._compile_utils import (
     DONATE_MODES,
-    UNUSED_DONATION,
     Donate,
     Lowered,
     OutputSpec,
+    SignatureTable,
+    call_donating,
     callable_as_tree,
     callable_from_tree,
+    check_options,
     rebuild_output,
     run_and_split_output,
     with_call_path,
@@ -163,8 +163,8 @@ class _JitProgram:
         self.split_first = donate in ("all-except-first", "warn-except-first")
         self.silence_unused_donation = donate in ("all", "all-except-first")
         self.plans: dict = {}
-        self.programs: dict = {}
-        self._lock = threading.Lock()
+        self.table = SignatureTable()
+        self.programs = self.table.programs
         self.wrapper_class = _wrapper_class(core)
         self.fast = not (self.split_first or self.silence_unused_donation)
         self.metadata = metadata_of(fun)
@@ -196,8 +196,7 @@ class _JitProgram:
         return wrapper
 
     def _clear_cache(self) -> None:
-        programs = list(self.programs.values())
-        self.programs.clear()
+        programs = self.table.clear()
         self.plans.clear()
         for jitted in programs:
             jitted.clear_cache()
@@ -267,15 +266,12 @@ class _JitProgram:
         except Exception as err:
             raise _static_comparison_error(args, kwargs, err) from err
         if jitted is None:
-            with self._lock:  # one `jax.jit` per signature, however many threads miss it
-                jitted = self.programs.get(key)
-                if jitted is None:
-                    jitted = jax.jit(
-                        _make_traced(self, key),
-                        donate_argnums=self._donated(key),
-                        **self.jitkwargs,
-                    )
-                    _caches.bounded_insert(self.programs, key, jitted)
+            jitted = self.table.get_or_make(
+                key,
+                lambda: jax.jit(
+                    _make_traced(self, key), donate_argnums=self._donated(key), **self.jitkwargs
+                ),
+            )
         return jitted
 
     def head(self, leading: tuple) -> tuple:
@@ -300,12 +296,7 @@ class _JitProgram:
         jitted = self.program_for(key, args, kwargs)
         _equinox_errors.watching()  # once Equinox is imported, silence its callback logs
         with _equinox_errors.translated():
-            if self.silence_unused_donation:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=UNUSED_DONATION)
-                    out = jitted(*self.head(leading), *dynamic)
-            else:
-                out = jitted(*self.head(leading), *dynamic)
+            out = call_donating(self.silence_unused_donation, jitted, *self.head(leading), *dynamic)
         return rebuild_output(out, self.core)
 
     def lower(self, leading: tuple, args: tuple, kwargs: dict) -> Lowered:
@@ -497,17 +488,7 @@ def filter_jit(fun=None, *, donate: Donate = "none", **jitkwargs):
         `filter_jit(donate="all-except-first")` and pass everything you don't want
         donated through the first argument (packed into a tuple if necessary).
     """
-    if donate not in DONATE_MODES:
-        raise ValueError(
-            "`filter_jit(..., donate=...)` must be one of 'all', 'all-except-first', "
-            f"'warn', 'warn-except-first', or 'none'; got {donate!r}."
-        )
-    reserved = _RESERVED_JIT_KWARGS.intersection(jitkwargs)
-    if reserved:
-        raise ValueError(
-            f"filter_jit decides {sorted(reserved)} itself: arrays are traced, everything "
-            "else is static; use `donate=` for donation."
-        )
+    check_options("filter_jit", donate, DONATE_MODES, jitkwargs, _RESERVED_JIT_KWARGS)
     if fun is None:
         return functools.partial(filter_jit, donate=donate, **jitkwargs)
     if not callable(fun):

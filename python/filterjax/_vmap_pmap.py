@@ -18,8 +18,6 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-import threading
-import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
@@ -30,11 +28,13 @@ import numpy as np
 
 from . import _backend, _caches, _equinox_errors, _explain
 from ._compile_utils import (
-    UNUSED_DONATION,
     Compiled,
     Lowered,
     OutputSpec,
+    SignatureTable,
+    call_donating,
     callable_as_tree,
+    check_options,
     rebuild_output,
     run_and_split_output,
     with_call_path,
@@ -579,26 +579,18 @@ class _PmapProgram:
         self.uniform_out, self.out_axis = _uniform_axis(out_axes)
         self.silence_unused_donation = donate == "all"
         self.dummy = None if axis_size is None else np.zeros(axis_size, np.int8)
-        self.lock = threading.Lock()
-        self._clear_cache()
+        self.table = SignatureTable()
+        self.groups = 4
         _caches.register_owner(self)
 
     def _clear_cache(self) -> None:
-        # One jax.pmap per static signature, looked up by the call's StaticKey alone on the
-        # fast path (uniform axes), else by (key, per-leaf input axes, output groups).
-        self.pmapped: dict = {}
+        self.table.clear()
         self.groups = 4
 
     def pmap_for(self, cache_key, key, leaf_axes: tuple | None, groups: int):
-        pmapped = self.pmapped.get(cache_key)
-        if pmapped is not None:
-            return pmapped
-        with self.lock:
-            pmapped = self.pmapped.get(cache_key)
-            if pmapped is None:
-                pmapped = self._make_pmap(key, leaf_axes, groups)
-                _caches.bounded_insert(self.pmapped, cache_key, pmapped)
-        return pmapped
+        # One jax.pmap per static signature, looked up by the call's StaticKey alone on the
+        # fast path (uniform axes), else by (key, per-leaf input axes, output groups).
+        return self.table.get_or_make(cache_key, lambda: self._make_pmap(key, leaf_axes, groups))
 
     def _make_pmap(self, key, leaf_axes: tuple | None, groups: int):
         core, fun_key = self.core, self.fun_key
@@ -631,12 +623,9 @@ class _PmapProgram:
 
     def run(self, pmapped, fun_dynamic, dynamic):
         with _equinox_errors.translated():
-            if self.silence_unused_donation:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=UNUSED_DONATION)
-                    out = pmapped((fun_dynamic, dynamic, self.dummy))
-            else:
-                out = pmapped((fun_dynamic, dynamic, self.dummy))
+            out = call_donating(
+                self.silence_unused_donation, pmapped, (fun_dynamic, dynamic, self.dummy)
+            )
             if _equinox_errors.watching():
                 # Devices run asynchronously: wait, so that a failed `eqx.error_if` is
                 # raised by this call rather than when `out` is used.
@@ -888,6 +877,7 @@ def _ungroup_output(core: Any, out: tuple) -> Any:
     return core.rebuild(grouped.key, leaves)
 
 
+_PMAP_DONATE_MODES = ("all", "warn", "none")
 _RESERVED_PMAP_KWARGS = frozenset({"static_broadcasted_argnums", "donate_argnums"})
 
 
@@ -988,17 +978,7 @@ def filter_pmap(
 
         ```
     """
-    if donate not in ("all", "warn", "none"):
-        raise ValueError(
-            f"`filter_pmap(..., donate=...)` must be one of 'all', 'warn', or 'none'; "
-            f"got {donate!r}."
-        )
-    reserved = _RESERVED_PMAP_KWARGS.intersection(pmapkwargs)
-    if reserved:
-        raise ValueError(
-            f"filter_pmap decides {sorted(reserved)} itself: arrays are traced, everything "
-            "else is static; use `donate=` for donation."
-        )
+    check_options("filter_pmap", donate, _PMAP_DONATE_MODES, pmapkwargs, _RESERVED_PMAP_KWARGS)
     if fun is None:
         return functools.partial(
             filter_pmap,
