@@ -197,7 +197,7 @@ impl Dispatcher {
                 None => return fallback(args, kwargs),
             }
         };
-        let (dynamic, key) = match flatten::partition(py, tree.as_any(), None, None, true) {
+        let (dynamic, key) = match flatten::flatten_split(py, tree.as_any(), None, None, true) {
             Ok(parts) => parts,
             // The fallback partitions again and raises the error with the call's names.
             Err(err) if err.is_instance_of::<PyException>(py) => return fallback(args, kwargs),

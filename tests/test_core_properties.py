@@ -1,4 +1,4 @@
-"""Property tests for the core (`_backend.partition`, `_backend.rebuild`, the StaticKey) and the
+"""Property tests for the core (`_backend.flatten_split`, `_backend.rebuild`, the StaticKey) and the
 filtering API, checked against `jax.tree_util`, the Python twin, the native module and Equinox.
 
 Trees are drawn as *specs* (plain nested tuples `(kind, meta, children)`) and built into real
@@ -443,7 +443,7 @@ def _always(_):
 def test_all_dynamic_leaves_are_the_jax_leaves(spec):
     tree = build(spec)
     expected = jtu.tree_leaves(tree)
-    dynamic, key = _backend.partition(tree, _always)
+    dynamic, key = _backend.flatten_split(tree, _always)
     assert len(dynamic) == len(expected)
     assert all(d is e for d, e in zip(dynamic, expected, strict=True))
     assert key.num_leaves == key.num_dynamic == len(expected)
@@ -457,7 +457,7 @@ def test_all_dynamic_leaves_are_the_jax_leaves(spec):
 def test_explicit_cores_flatten_like_jax(core, spec):
     tree = build(spec)
     expected = jtu.tree_leaves(tree)
-    dynamic, key = core.partition(tree, _always)
+    dynamic, key = core.flatten_split(tree, _always)
     assert [id(x) for x in dynamic] == [id(x) for x in expected]
     assert key.mask == (True,) * len(expected)
     assert_same_tree(core.rebuild(key, dynamic), tree)
@@ -471,8 +471,8 @@ def test_native_agrees_with_python_and_jax(spec, predicate):
     tree = build(spec)
     leaves = jtu.tree_leaves(tree)
     # Arrays may be static here, and arrays are not hashable: do not hash the keys.
-    py_dyn, py_key = _pycore.partition(tree, predicate, hashed=False)
-    nat_dyn, nat_key = native.partition(tree, predicate, hashed=False)
+    py_dyn, py_key = _pycore.flatten_split(tree, predicate, hashed=False)
+    nat_dyn, nat_key = native.flatten_split(tree, predicate, hashed=False)
     test = filterjax.is_array if predicate is None else predicate
     assert py_key.mask == nat_key.mask == tuple(bool(test(x)) for x in leaves)
     assert [id(x) for x in nat_dyn] == [id(x) for x in py_dyn]
@@ -502,7 +502,7 @@ def test_native_agrees_with_python_and_jax(spec, predicate):
 def test_array_partition_round_trips(spec):
     tree = build(spec)
     leaves = jtu.tree_leaves(tree)
-    dynamic, key = _backend.partition(tree)
+    dynamic, key = _backend.flatten_split(tree)
     assert key.mask == tuple(filterjax.is_array(x) for x in leaves)
     pairs = list(zip(leaves, key.mask, strict=True))
     assert [id(x) for x in dynamic] == [id(x) for x, m in pairs if m]
@@ -514,7 +514,7 @@ def test_array_partition_round_trips(spec):
     assert_same_tree(rebuilt, tree)
 
     # The explicit predicate takes the slow path and must agree with the fast one.
-    dynamic2, key2 = _backend.partition(tree, filterjax.is_array)
+    dynamic2, key2 = _backend.flatten_split(tree, filterjax.is_array)
     assert key2.mask == key.mask and key2 == key
     assert [id(x) for x in dynamic2] == [id(x) for x in dynamic]
 
@@ -523,7 +523,7 @@ def test_array_partition_round_trips(spec):
 @given(tree_specs)
 def test_rebuild_with_none_gives_the_filtered_halves(spec):
     tree = build(spec)
-    dynamic, key = _backend.partition(tree)
+    dynamic, key = _backend.flatten_split(tree)
     arrays_only = _backend.rebuild(key, dynamic, [None] * key.num_static)
     statics_only = _backend.rebuild(key, [None] * key.num_dynamic)
     assert_same_tree(arrays_only, filterjax.filter(tree, filterjax.is_array))
@@ -536,8 +536,8 @@ def test_rebuild_with_none_gives_the_filtered_halves(spec):
 @given(tree_specs)
 def test_hashed_false_gives_the_same_result(spec):
     tree = build(spec)
-    dynamic, key = _backend.partition(tree)
-    dynamic_lazy, key_lazy = _backend.partition(tree, hashed=False)
+    dynamic, key = _backend.flatten_split(tree)
+    dynamic_lazy, key_lazy = _backend.flatten_split(tree, hashed=False)
     assert [id(x) for x in dynamic_lazy] == [id(x) for x in dynamic]
     assert key_lazy == key and hash(key_lazy) == hash(key)
 
@@ -551,8 +551,8 @@ def test_hashed_false_gives_the_same_result(spec):
 @given(tree_specs)
 def test_equal_structure_and_statics_give_equal_keys(spec):
     first, second = build(spec, variant=0), build(spec, variant=1)
-    _, key1 = _backend.partition(first)
-    _, key2 = _backend.partition(second)
+    _, key1 = _backend.flatten_split(first)
+    _, key2 = _backend.flatten_split(second)
     assert key1 == key2 and not (key1 != key2)
     assert hash(key1) == hash(key2)
     assert {key1: "hit"}[key2] == "hit"
@@ -563,8 +563,8 @@ def test_equal_structure_and_statics_give_equal_keys(spec):
 @given(changed_specs())
 def test_any_single_difference_gives_unequal_keys(specs):
     spec, changed = specs
-    _, key = _backend.partition(build(spec))
-    _, other = _backend.partition(build(changed))
+    _, key = _backend.flatten_split(build(spec))
+    _, other = _backend.flatten_split(build(changed))
     assert key != other and not (key == other)
     assert other not in {key: None}
 
@@ -576,8 +576,8 @@ def test_native_and_python_keys_agree_on_equality(specs, change):
     native = _native_core()
     spec, changed = specs
     a, b = build(spec, 0), build(changed if change else spec, 1)
-    py_equal = _pycore.partition(a)[1] == _pycore.partition(b)[1]
-    nat_a, nat_b = native.partition(a)[1], native.partition(b)[1]
+    py_equal = _pycore.flatten_split(a)[1] == _pycore.flatten_split(b)[1]
+    nat_a, nat_b = native.flatten_split(a)[1], native.flatten_split(b)[1]
     assert (nat_a == nat_b) == py_equal == (not change)
     if py_equal:
         assert hash(nat_a) == hash(nat_b)
@@ -613,8 +613,8 @@ def test_native_and_python_keys_agree_on_equality(specs, change):
     ],
 )
 def test_listed_differences_give_unequal_keys(left, right):
-    _, key1 = _backend.partition(left)
-    _, key2 = _backend.partition(right)
+    _, key1 = _backend.flatten_split(left)
+    _, key2 = _backend.flatten_split(right)
     assert key1 != key2
 
 
@@ -622,8 +622,8 @@ def test_statics_compare_by_value_not_identity():
     first = {"act": "".join(["re", "lu"]), "n": 10**30, "t": Tag(3), "w": jnp.ones(3)}
     second = {"act": "".join(["r", "elu"]), "n": 10**30 + 0, "t": Tag(3), "w": jnp.zeros((5, 2))}
     assert first["act"] is not second["act"] and first["t"] is not second["t"]
-    _, key1 = _backend.partition(first)
-    _, key2 = _backend.partition(second)
+    _, key1 = _backend.flatten_split(first)
+    _, key2 = _backend.flatten_split(second)
     assert key1 == key2 and hash(key1) == hash(key2)
 
 
@@ -671,9 +671,9 @@ def _is_box(x):
 def test_is_leaf_is_honoured(spec, predicate):
     tree = build(spec)
     expected = jtu.tree_leaves(tree, is_leaf=_is_box)
-    dynamic, key = _backend.partition(tree, _always, is_leaf=_is_box)
+    dynamic, key = _backend.flatten_split(tree, _always, is_leaf=_is_box)
     assert [id(x) for x in dynamic] == [id(x) for x in expected]
-    dynamic, key = _backend.partition(tree, predicate, is_leaf=_is_box, hashed=False)
+    dynamic, key = _backend.flatten_split(tree, predicate, is_leaf=_is_box, hashed=False)
     assert key.mask == tuple(bool(predicate(x)) for x in expected)
     assert_same_tree(_backend.rebuild(key, dynamic), tree)
 
@@ -867,7 +867,7 @@ def test_core_partition_sees_tracers_as_dynamic():
 
     def f(w):
         tree = {"w": w, "n": 3, "act": "relu"}
-        dynamic, key = _backend.partition(tree)
+        dynamic, key = _backend.flatten_split(tree)
         results.append((len(dynamic), dynamic[0] is w, key.statics))
         return _backend.rebuild(key, dynamic)["w"] * 2
 
@@ -890,14 +890,14 @@ def test_type_registered_after_first_partition_is_honoured():
 
     a, b = jnp.ones(2), "static"
     tree = [Late(a, b), jnp.zeros(1)]
-    dynamic, key = _backend.partition(tree, _always)
+    dynamic, key = _backend.flatten_split(tree, _always)
     assert [id(x) for x in dynamic] == [id(tree[0]), id(tree[1])]
     assert key.num_leaves == 2
 
     jtu.register_pytree_node(Late, lambda n: ((n.a, n.b), None), lambda _, c: Late(*c))
-    dynamic, key = _backend.partition(tree, _always)
+    dynamic, key = _backend.flatten_split(tree, _always)
     assert [id(x) for x in dynamic] == [id(a), id(b), id(tree[1])]
-    dynamic, key = _backend.partition(tree)
+    dynamic, key = _backend.flatten_split(tree)
     assert [id(x) for x in dynamic] == [id(a), id(tree[1])]
     assert key.statics == ("static",)
     rebuilt = _backend.rebuild(key, dynamic)
@@ -924,17 +924,17 @@ def test_late_registration_seen_by_both_cores(core):
 
     LateNT = namedtuple("LateNT", ["p", "q"])
     tree = [LateDC(jnp.ones(1), 3), LateNT(1, jnp.ones(2))]
-    _, key_before = core.partition(tree)
+    _, key_before = core.flatten_split(tree)
     assert key_before.num_leaves == 3 and key_before.statics == (tree[0], 1)
     jtu.register_dataclass(LateDC, data_fields=["x"], meta_fields=["m"])
-    dynamic, key = core.partition(tree)
+    dynamic, key = core.flatten_split(tree)
     assert key.num_leaves == 3 and key.statics == (1,)
     assert [id(x) for x in dynamic] == [id(tree[0].x), id(tree[1].q)]
-    assert key != core.partition([LateDC(jnp.ones(1), 4), LateNT(1, jnp.ones(2))])[1]
+    assert key != core.flatten_split([LateDC(jnp.ones(1), 4), LateNT(1, jnp.ones(2))])[1]
     # register_static: the object is structure (part of the key), not a leaf
-    _, key_a = core.partition([LateStatic(1), jnp.ones(1)])
-    _, key_b = core.partition([LateStatic(1), jnp.ones(1)])
-    _, key_c = core.partition([LateStatic(2), jnp.ones(1)])
+    _, key_a = core.flatten_split([LateStatic(1), jnp.ones(1)])
+    _, key_b = core.flatten_split([LateStatic(1), jnp.ones(1)])
+    _, key_c = core.flatten_split([LateStatic(2), jnp.ones(1)])
     assert key_a.num_leaves == 1 and key_a == key_b and key_a != key_c
 
 
@@ -944,16 +944,16 @@ def test_cores_are_safe_to_call_from_threads(core):
 
     tree = {"w": [jnp.ones(2), jnp.zeros(3)], "cfg": ("relu", 3, Tag(1)), "box": Box([1.0], 2)}
     expected_leaves = jtu.tree_leaves(tree)
-    _, expected_key = core.partition(tree)
+    _, expected_key = core.flatten_split(tree)
     failures = []
 
     def work():
         try:
             for _ in range(300):
-                dynamic, key = core.partition(tree)
+                dynamic, key = core.flatten_split(tree)
                 assert key == expected_key and hash(key) == hash(expected_key)
                 assert_same_tree(core.rebuild(key, dynamic), tree)
-                dynamic, _ = core.partition(tree, _always)
+                dynamic, _ = core.flatten_split(tree, _always)
                 assert [id(x) for x in dynamic] == [id(x) for x in expected_leaves]
         except BaseException as err:  # collected and re-raised in the main thread
             failures.append(err)

@@ -142,7 +142,7 @@ class _ValueAndGradWrapper(Wrapper):
             value_and_grad = self._value_and_grad = jax.value_and_grad(
                 _differentiate_leaves, argnums=0, has_aux=self._has_aux, **self._gradkwargs
             )
-        diff_leaves, key = _backend.partition(args[0], _is_inexact_leaf, None, False)
+        diff_leaves, key = _backend.flatten_split(args[0], _is_inexact_leaf, hashed=False)
         value, grads = value_and_grad(diff_leaves, key, self._fun, args[1:], kwargs)
         return value, _backend.rebuild(key, grads, [None] * key.num_static)
 
@@ -508,7 +508,7 @@ def filter_vjp(fun: Callable, *primals, has_aux: bool = False):
 
     ```
     """
-    diff_leaves, in_key = _backend.partition(primals, _is_inexact_leaf, None, False)
+    diff_leaves, in_key = _backend.flatten_split(primals, _is_inexact_leaf, hashed=False)
     side: dict = {}
 
     def diff_fun(leaves):
@@ -517,7 +517,7 @@ def filter_vjp(fun: Callable, *primals, has_aux: bool = False):
             out, aux = out
         else:
             aux = None
-        out_leaves, out_key = _backend.partition(out, _is_inexact_leaf, None, False)
+        out_leaves, out_key = _backend.flatten_split(out, _is_inexact_leaf, hashed=False)
         side["key"] = out_key
         return out_leaves, (out_key.statics, aux)
 
@@ -551,7 +551,7 @@ class _Jacobian(Wrapper):
         return "filter_jacrev" if self.rev else "filter_jacfwd"
 
     def __call__(self, x, /, *args, **kwargs):
-        diff_leaves, key = _backend.partition(x, _is_inexact_leaf, None, False)
+        diff_leaves, key = _backend.flatten_split(x, _is_inexact_leaf, hashed=False)
         diff_x = _backend.rebuild(key, diff_leaves, [None] * key.num_static)
         fun, has_aux = self.fun, self.has_aux
         side: dict = {}
@@ -562,7 +562,7 @@ class _Jacobian(Wrapper):
                 return out, None
             out, aux = out
             # JAX's jacobians only carry arrays as aux; everything else goes around them.
-            aux_leaves, side["aux_key"] = _backend.partition(aux, None, None, False)
+            aux_leaves, side["aux_key"] = _backend.flatten_split(aux, hashed=False)
             return out, aux_leaves
 
         jacobian = jax.jacrev if self.rev else jax.jacfwd
@@ -800,7 +800,7 @@ class filter_custom_jvp:
         )
 
     def __call__(self, /, *args, **kwargs):
-        dynamic, key = _backend.partition((args, kwargs), None, None, False)
+        dynamic, key = _backend.flatten_split((args, kwargs), hashed=False)
         return self._custom(key, dynamic)
 
 
@@ -968,9 +968,7 @@ class filter_custom_vjp:
         def primal(vjp_key, diff_mask, args_key, diff, nondiff, arg_arrays):
             vjp_arg = _backend.rebuild(vjp_key, _merge_by_mask(diff, nondiff, diff_mask))
             args, kwargs = _backend.rebuild(args_key, arg_arrays)
-            out_leaves, out_key = _backend.partition(
-                fn(vjp_arg, *args, **kwargs), None, None, False
-            )
+            out_leaves, out_key = _backend.flatten_split(fn(vjp_arg, *args, **kwargs), hashed=False)
             return out_leaves, _Static(out_key)
 
         def forward(vjp_key, diff_mask, args_key, diff, nondiff, arg_arrays):
@@ -991,8 +989,8 @@ class filter_custom_vjp:
                     f"(out, residuals); got {type(result).__name__}."
                 )
             out, residuals = result
-            out_leaves, out_key = _backend.partition(out, None, None, False)
-            res_leaves, res_key = _backend.partition(residuals, None, None, False)
+            out_leaves, out_key = _backend.flatten_split(out, hashed=False)
+            res_leaves, res_key = _backend.flatten_split(residuals, hashed=False)
             saved = _VjpResiduals(
                 res_leaves, _Static(res_key), vjp_leaves, arg_values, _Static(perturbed)
             )
@@ -1023,10 +1021,10 @@ class filter_custom_vjp:
                 f"filter_custom_vjp({self._name}): define both `def_fwd` and `def_bwd` "
                 "before calling it."
             )
-        vjp_arrays, vjp_key = _backend.partition(vjp_arg, None, None, False)
+        vjp_arrays, vjp_key = _backend.flatten_split(vjp_arg, hashed=False)
         diff_mask = tuple(map(_is_inexact_leaf, vjp_arrays))
         diff, nondiff = _split_by_mask(vjp_arrays, diff_mask)
-        arg_arrays, args_key = _backend.partition((args, kwargs), None, None, False)
+        arg_arrays, args_key = _backend.flatten_split((args, kwargs), hashed=False)
         if arg_arrays:
             arg_arrays = _not_differentiable(self._args_message, arg_arrays)
         out_leaves, out_static = self._custom(
@@ -1125,13 +1123,13 @@ class _CheckpointWrapper(Wrapper):
 
             def run(key, dynamic):
                 args, kwargs = _backend.rebuild(key, dynamic)
-                out_leaves, out_key = _backend.partition(fun(*args, **kwargs), None, None, False)
+                out_leaves, out_key = _backend.flatten_split(fun(*args, **kwargs), hashed=False)
                 return out_leaves, _Static(out_key)
 
             checkpointed = self._checkpointed = jax.checkpoint(
                 run, prevent_cse=self._prevent_cse, policy=self._policy, static_argnums=(0,)
             )
-        dynamic, key = _backend.partition((args, kwargs))
+        dynamic, key = _backend.flatten_split((args, kwargs))
         out_leaves, out_static = checkpointed(key, dynamic)
         return _backend.rebuild(out_static.value, out_leaves)
 

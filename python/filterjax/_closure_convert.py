@@ -70,7 +70,7 @@ class _ClosureConverted:
 
     def _check_inputs(self, args: tuple, kwargs: dict) -> list:
         c = self._conversion
-        leaves, key = _backend.partition((args, kwargs), _is_struct, None, False)
+        leaves, key = _backend.flatten_split((args, kwargs), _is_struct, hashed=False)
         same = key == c.in_key
         if same:
             for leaf, struct in zip(leaves, c.in_structs, strict=True):
@@ -144,7 +144,7 @@ def filter_closure_convert(fn: _T, *args, **kwargs) -> _T:
 
     ```
     """
-    in_leaves, in_key = _backend.partition((args, kwargs), _is_struct, None, False)
+    in_leaves, in_key = _backend.flatten_split((args, kwargs), _is_struct, hashed=False)
     in_structs = [_struct_of(leaf) for leaf in in_leaves]
     if isinstance(fn, types.FunctionType) and fn.__closure__ is None:
         # Nothing is closed over, so there can be no closed-over tracer: skip tracing.
@@ -155,7 +155,7 @@ def filter_closure_convert(fn: _T, *args, **kwargs) -> _T:
 
     def flat_fn(*dynamic):
         call_args, call_kwargs = _backend.rebuild(in_key, dynamic)
-        out_leaves, out_key = _backend.partition(fn(*call_args, **call_kwargs), None, None, False)
+        out_leaves, out_key = _backend.flatten_split(fn(*call_args, **call_kwargs), hashed=False)
         side["out_key"] = out_key
         return out_leaves
 

@@ -172,7 +172,7 @@ def run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = N
     # held in this local, and `_equinox_errors.translate` cuts there.
     __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841
     out = fun(*args, **kwargs)
-    out_dynamic, out_key = (core or _backend).partition(out, None, None, False)
+    out_dynamic, out_key = (core or _backend).partition(out, hashed=False)
     if out_key.num_static == 0:
         # JAX rebuilds an all-array output itself, from the output treedef of the trace.
         # A lone dict keyed by an OutputSpec is how a trace with static outputs says so.

@@ -44,7 +44,7 @@ def filter_eval_shape(fun: Callable[..., Any], *args, **kwargs) -> Any:
 
         ```
     """
-    dynamic, key = _backend.partition(
+    dynamic, key = _backend.flatten_split(
         (callable_as_tree(fun), args, kwargs), _is_traced, None, False
     )
     side: list = []
@@ -52,7 +52,7 @@ def filter_eval_shape(fun: Callable[..., Any], *args, **kwargs) -> Any:
     def traced(*leaves):
         call_fun, call_args, call_kwargs = _backend.rebuild(key, list(leaves))
         out = call_fun(*call_args, **call_kwargs)
-        out_dynamic, out_key = _backend.partition(out, None, None, False)
+        out_dynamic, out_key = _backend.flatten_split(out, hashed=False)
         side.append(out_key)
         return out_dynamic
 

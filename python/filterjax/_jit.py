@@ -2,7 +2,7 @@
 
 Per call, the work outside JAX is one native call (the core's `Dispatcher`): look up the
 argument-binding plan of the call's shape and apply it (so keyword calls share the
-positional calls' programs at the same cost), one `partition` of `(args, kwargs)` giving
+positional calls' programs at the same cost), one `flatten_split` of `(args, kwargs)` giving
 the flat dynamic leaves and a hashable static key, one dict lookup of the `jax.jit`
 compiled for that key, a call of it with the flat array leaves only (JAX's C++ dispatch
 sees no static argument), and one `rebuild` of the output. The output's static part
@@ -243,7 +243,7 @@ class _JitProgram:
         after the function's own leaves: `(dynamic,)`, or `(first, rest)` with the first
         argument kept undonated."""
         args, kwargs = self.bind(args, kwargs)
-        partition = self.core.partition
+        flatten_split = self.core.flatten_split
         try:
             if self.split_first:
                 if not args:
@@ -251,10 +251,10 @@ class _JitProgram:
                         f"filter_jit(donate={self.donate!r}) needs at least one positional "
                         f"argument to keep undonated; {self.name}() was called without one."
                     )
-                first_dynamic, first_key = partition((args[0],))
-                rest_dynamic, rest_key = partition((args[1:], kwargs))
+                first_dynamic, first_key = flatten_split((args[0],))
+                rest_dynamic, rest_key = flatten_split((args[1:], kwargs))
                 return (first_key, rest_key), (first_dynamic, rest_dynamic)
-            dynamic, key = partition((args, kwargs))
+            dynamic, key = flatten_split((args, kwargs))
         except UnhashableStaticError as err:
             raise with_call_path(err, ("args", "kwargs")) from err.__cause__
         return key, (dynamic,)
@@ -495,7 +495,7 @@ def filter_jit(fun=None, *, donate: Donate = "none", **jitkwargs):
         raise TypeError(f"filter_jit expects a callable, got {type(fun).__name__}")
     core = _backend._core
     try:
-        leading, fun_key = core.partition(callable_as_tree(fun))
+        leading, fun_key = core.flatten_split(callable_as_tree(fun))
     except UnhashableStaticError as err:
         raise with_call_path(err, ("fun",)) from err.__cause__
     program = _PROGRAMS.get_or_create(

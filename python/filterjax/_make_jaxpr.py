@@ -29,13 +29,13 @@ class _MakeJaxpr:
         functools.update_wrapper(self, fun)
 
     def __call__(self, /, *args, **kwargs):
-        dynamic, key = _backend.partition((args, kwargs), _is_struct, None, False)
+        dynamic, key = _backend.flatten_split((args, kwargs), _is_struct, hashed=False)
         side: list = []
 
         def traced(*leaves):
             call_args, call_kwargs = _backend.rebuild(key, list(leaves))
             out = self._fun(*call_args, **call_kwargs)
-            out_dynamic, out_key = _backend.partition(out, None, None, False)
+            out_dynamic, out_key = _backend.flatten_split(out, hashed=False)
             side.append(out_key)
             return out_dynamic
 

@@ -11,8 +11,9 @@ __all__ = [
     "Dispatcher",
     "StaticKey",
     "is_array",
-    "partition",
+    "flatten_split",
     "rebuild",
+    "register_array_predicate",
     "tree_apply_updates",
     "tree_combine",
     "tree_filter",
@@ -28,7 +29,7 @@ class StaticKey:
 
     Holds the structure (node kinds, arities and node data in `jax.tree_util`'s post-order),
     the static leaves and which leaf positions are dynamic. Immutable; instances come only
-    from `partition`.
+    from `flatten_split`.
 
     Two keys are equal when their masks are equal, their static leaves have the same exact
     types and compare equal (identity first, then `==`), and their structures are equal as
@@ -74,7 +75,7 @@ def is_array(x: Any) -> bool:
     per exact type.
     """
 
-def partition(
+def flatten_split(
     tree: Any,
     predicate: Callable[[Any], Any] | None = None,
     is_leaf: Callable[[Any], bool | None] | None = None,
@@ -104,11 +105,11 @@ def partition(
     """
 
 def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | None = None) -> Any:
-    """Inverse of `partition`: the tree with `dynamic` at the dynamic positions.
+    """Inverse of `flatten_split`: the tree with `dynamic` at the dynamic positions.
 
     **Arguments:**
 
-    - `key`: a `StaticKey` from `partition`.
+    - `key`: a `StaticKey` from `flatten_split`.
     - `dynamic`: `key.num_dynamic` leaves (any sized iterable; lists and tuples are read in
         place).
     - `statics`: if given, `key.num_static` leaves replacing the key's static leaves (e.g.
@@ -176,7 +177,7 @@ def tree_partition(
 
     **Raises:** `ValueError` naming the path for a filter_spec that is not a prefix of
     `pytree` or has a leaf that is neither a bool nor a callable; what a callable raises, with
-    a note naming the leaf; flatten errors as `partition` raises them.
+    a note naming the leaf; flatten errors as `flatten_split` raises them.
     """
 
 def tree_filter(
@@ -197,6 +198,14 @@ def tree_combine(
     leaf is the first non-None one among the trees, whose structure must match the first's
     up to its None leaves (which may stand for whole subtrees). `ValueError` naming the path
     otherwise; `TypeError` for no trees.
+    """
+
+def register_array_predicate(predicate: Callable[[Any], bool]) -> None:
+    """Make `predicate` a filter_spec the core answers with its own array test, without
+    calling it per leaf. It must answer exactly as `is_array` does. A later registration
+    replaces it.
+
+    **Raises:** `TypeError` if `predicate` is not callable.
     """
 
 def tree_apply_updates(model: Any, updates: Any) -> Any:

@@ -29,7 +29,7 @@ from ._plans import apply_plan
 __all__ = [
     "StaticKey",
     "Dispatcher",
-    "partition",
+    "flatten_split",
     "rebuild",
     "is_array",
     "BACKEND",
@@ -37,6 +37,7 @@ __all__ = [
     "tree_filter",
     "tree_combine",
     "tree_apply_updates",
+    "register_array_predicate",
 ]
 
 BACKEND = "python"
@@ -147,7 +148,7 @@ def _flatten(tree: Any, is_leaf: Callable[[Any], bool] | None):
         raise_flatten_error(tree, is_leaf, err)
 
 
-def partition(
+def flatten_split(
     tree: Any,
     predicate: Callable[[Any], bool] | None = None,
     is_leaf: Callable[[Any], bool] | None = None,
@@ -205,7 +206,7 @@ def _raise_unhashable(tree, is_leaf, key: StaticKey, err: Exception):
 
 
 def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | None = None) -> Any:
-    """Inverse of `partition`: the tree with `dynamic` at the dynamic positions.
+    """Inverse of `flatten_split`: the tree with `dynamic` at the dynamic positions.
 
     `statics`, if given, replaces the key's static leaves (e.g. `[None] * key.num_static`
     to keep only the dynamic part).
@@ -281,7 +282,7 @@ class Dispatcher:
                 return self._fallback(self._leading, args, kwargs)
             tree = bound
         try:
-            dynamic, key = partition(tree)
+            dynamic, key = flatten_split(tree)
             program = self._programs.get(key)
         except Exception:
             # The fallback partitions again and raises the error with the call's names.
@@ -312,19 +313,26 @@ class Dispatcher:
 # and `tree_apply_updates` (the public `partition`, `filter`, `combine`, `apply_updates`)
 # --------------------------------------------------------------------------------------------
 
+# The public layer's array predicate (`filterjax.is_array`), registered by it at import
+# through `register_array_predicate`: the core imports nothing from the public layer.
 _public_is_array: Any = None
+
+
+def register_array_predicate(predicate: Callable[[Any], bool]) -> None:
+    """Make `predicate` a filter_spec the core answers with its own array test, without
+    calling it per leaf. It must answer exactly as `is_array` does. A later registration
+    replaces it."""
+    global _public_is_array
+    if not callable(predicate):
+        raise TypeError(
+            f"register_array_predicate expects a callable, got {type(predicate).__name__}"
+        )
+    _public_is_array = predicate
 
 
 def _is_array_predicate(spec: Any) -> bool:
     """Whether `spec` is `filterjax.is_array` (or Equinox's, which answers the same)."""
-    global _public_is_array
-    if spec is is_array:
-        return True
-    if _public_is_array is None:
-        from ._filters import is_array as public
-
-        _public_is_array = public
-    if spec is _public_is_array:
+    if spec is is_array or spec is _public_is_array:
         return True
     equinox = sys.modules.get("equinox")
     return equinox is not None and spec is getattr(equinox, "is_array", None)

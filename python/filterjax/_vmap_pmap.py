@@ -281,11 +281,11 @@ class _VmapWrapper(Wrapper):
                 key = None
                 all_leaves = None
             else:
-                mapped, key = _backend.partition(args, None, None, False)
+                mapped, key = _backend.flatten_split(args, hashed=False)
                 all_leaves = None
             jax_in_axes: Any = axis
         else:
-            all_leaves, key = _backend.partition(args, _always, None, False)
+            all_leaves, key = _backend.flatten_split(args, _always, hashed=False)
             leaf_axes = _leaf_axes(in_axes, args, all_leaves, "in_axes")
             mapped_index = [i for i, a in enumerate(leaf_axes) if a is not None]
             mapped = [all_leaves[i] for i in mapped_index]
@@ -331,7 +331,7 @@ class _VmapWrapper(Wrapper):
                     raise better from err
                 raise
             if all_leaves is None:
-                mask = _backend.partition(args, None, None, False)[1].mask
+                mask = _backend.flatten_split(args, hashed=False)[1].mask
                 indices = [i for i, dynamic in enumerate(mask) if dynamic]
                 axes = [jax_in_axes] * len(mapped)
             else:
@@ -347,10 +347,10 @@ class _VmapWrapper(Wrapper):
     def _split_output(self, out: Any, side: list) -> Any:
         """Inside the trace: return the arrays for JAX, keep everything else in `side`."""
         if self._uniform_out:
-            dynamic, out_key = _backend.partition(out, None, None, False)
+            dynamic, out_key = _backend.flatten_split(out, hashed=False)
             side.append(out_key)
             return dynamic
-        leaves, out_key = _backend.partition(out, _always, None, False)
+        leaves, out_key = _backend.flatten_split(out, _always, hashed=False)
         axes = _leaf_axes(self._out_axes, out, leaves, "out_axes")
         mapped, unmapped = [], []
         for leaf, axis in zip(leaves, axes, strict=True):
@@ -644,7 +644,7 @@ _PMAP_PROGRAMS = _caches.ProgramCache()
 
 def _pmap_program_key(core, fun_key, in_axes, out_axes, axis_name, axis_size, donate, kwargs):
     try:
-        _, axes_key = core.partition((in_axes, out_axes), _never)
+        _, axes_key = core.flatten_split((in_axes, out_axes), _never)
         options = tuple(sorted(kwargs.items()))
     except Exception:
         return [fun_key]  # unhashable: not shared
@@ -705,7 +705,7 @@ class _PmapWrapper(Wrapper):
         if state is None:
             core = _backend._core
             try:
-                fun_dynamic, fun_key = core.partition(callable_as_tree(self._fun))
+                fun_dynamic, fun_key = core.flatten_split(callable_as_tree(self._fun))
             except UnhashableStaticError as err:
                 raise with_call_path(err, ("fun",)) from err.__cause__
             options = (
@@ -730,12 +730,12 @@ class _PmapWrapper(Wrapper):
         if type(in_axes) is dict:
             in_axes = _named_in_axes(in_axes, self._names, len(args), program.name)
         try:
-            dynamic, key = program.core.partition(args)
+            dynamic, key = program.core.flatten_split(args)
         except UnhashableStaticError as err:
             raise with_call_path(err, ("args",)) from err.__cause__
         if program.uniform_in and in_axes is self._in_axes:
             return key, None, dynamic
-        leaves, _ = program.core.partition(args, _always, None, False)
+        leaves, _ = program.core.flatten_split(args, _always, hashed=False)
         axes = _leaf_axes(in_axes, args, leaves, "in_axes")
         leaf_axes = tuple(a for a, m in zip(axes, key.mask, strict=True) if m)
         return key, leaf_axes, tuple(dynamic)
@@ -846,7 +846,7 @@ class _GroupedOutput:
 
 def _group_output(core: Any, out: Any, out_axes: Any, groups: int) -> tuple:
     """Inside the trace: split the output into one list per (non-negative) out axis."""
-    leaves, out_key = core.partition(out, _always, None, False)
+    leaves, out_key = core.flatten_split(out, _always, hashed=False)
     axes = _leaf_axes(out_axes, out, leaves, "out_axes")
     by_axis: list[list] = [[] for _ in range(groups)]
     unmapped: list = []
