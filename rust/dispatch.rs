@@ -119,7 +119,10 @@ impl Dispatcher {
 impl Dispatcher {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (plans, programs, identity_plan, fallback, output_spec, leading=None, fast=Truthy(true), on_error=None))]
+    #[pyo3(
+        signature = (plans, programs, identity_plan, fallback, output_spec, leading=None, fast=Truthy(true), on_error=None),
+        text_signature = "(plans, programs, identity_plan, fallback, output_spec, leading=None, fast=True, on_error=None)"
+    )]
     fn new(
         py: Python<'_>,
         plans: Bound<'_, PyDict>,

@@ -20,6 +20,7 @@ use crate::errors;
 use crate::flatten::{self, Flattener};
 use crate::key::Node;
 use crate::rebuild;
+use crate::Truthy;
 
 /// How one filter_spec leaf sorts the leaves of its subtree.
 enum Spec<'py> {
@@ -416,19 +417,19 @@ fn tree_partition<'py>(
 
 /// `equinox.filter(pytree, filter_spec, inverse, replace, is_leaf)`.
 #[pyfunction]
-#[pyo3(signature = (pytree, filter_spec, inverse=None, replace=None, is_leaf=None))]
+#[pyo3(
+    signature = (pytree, filter_spec, inverse=Truthy(false), replace=None, is_leaf=None),
+    text_signature = "(pytree, filter_spec, inverse=False, replace=None, is_leaf=None)"
+)]
 fn tree_filter<'py>(
     py: Python<'py>,
     pytree: &Bound<'py, PyAny>,
     filter_spec: &Bound<'py, PyAny>,
-    inverse: Option<&Bound<'py, PyAny>>,
+    inverse: Truthy,
     replace: Option<&Bound<'py, PyAny>>,
     is_leaf: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let inverse = match inverse {
-        Some(inverse) => inverse.is_truthy()?,
-        None => false,
-    };
+    let inverse = inverse.0;
     let is_leaf = is_leaf.filter(|f| !f.is_none());
     let split = split(pytree, filter_spec, is_leaf)?;
     split.build(!inverse, &replacement(py, replace))

@@ -50,7 +50,10 @@ fn is_array(py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<bool> {
 
 /// Flatten `tree` and split its leaves into dynamic and static.
 #[pyfunction]
-#[pyo3(signature = (tree, predicate=None, is_leaf=None, hashed=Truthy(true)))]
+#[pyo3(
+    signature = (tree, predicate=None, is_leaf=None, hashed=Truthy(true)),
+    text_signature = "(tree, predicate=None, is_leaf=None, hashed=True)"
+)]
 fn flatten_split<'py>(
     py: Python<'py>,
     tree: &Bound<'py, PyAny>,

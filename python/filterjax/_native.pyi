@@ -4,7 +4,9 @@ Same functions, same results and same errors as the pure-Python core; only faste
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Literal, final
+from typing import Any, Final, Literal, Self, final
+
+from typing_extensions import disjoint_base
 
 __all__ = [
     "BACKEND",
@@ -65,8 +67,8 @@ class StaticKey:
         Raises what a static leaf's `__hash__` raises.
         """
 
-    def __eq__(self, other: object) -> bool: ...
-    def __ne__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    def __ne__(self, value: object, /) -> bool: ...
 
 def is_array(x: Any) -> bool:
     """True for JAX arrays (tracers included), NumPy arrays and NumPy scalars.
@@ -125,6 +127,7 @@ def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | Non
     `TypeError` if `key` is not a `StaticKey`; `ValueError` if a leaf count is wrong.
     """
 
+@disjoint_base
 class Dispatcher:
     """The per-call path of a `filter_jit` function (twin of `_pycore.Dispatcher`).
 
@@ -142,8 +145,8 @@ class Dispatcher:
     and weakrefs.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         plans: dict[Any, Any],
         programs: dict[Any, Any],
         identity_plan: Any,
@@ -152,13 +155,13 @@ class Dispatcher:
         leading: Any = None,
         fast: bool = True,
         on_error: Callable[[BaseException], BaseException | None] | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def leading(self) -> tuple[Any, ...]:
         """The wrapped function's array leaves, in `jax.tree_util` order."""
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any: ...
-    def __get__(self, instance: Any, owner: type | None = None) -> Any: ...
+    def __get__(self, instance: Any, owner: type | None = None, /) -> Any: ...
 
 def tree_partition(
     pytree: Any,

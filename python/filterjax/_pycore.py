@@ -53,12 +53,12 @@ _tree_registry: Any = _jax_tree_util._registry
 _none_leaf_registry: Any = _jax_tree_util.none_leaf_registry
 
 
-def is_array(leaf: Any) -> bool:
+def is_array(x: Any) -> bool:
     """True for JAX arrays (tracers included), NumPy arrays and NumPy scalars."""
-    kind = type(leaf)
+    kind = type(x)
     known = _array_types.get(kind)
     if known is None:
-        known = _array_types[kind] = isinstance(leaf, _ARRAY_BASES)
+        known = _array_types[kind] = isinstance(x, _ARRAY_BASES)
     return known
 
 
