@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
 
+import jax
 import jax.tree_util as jtu
 
 from . import _backend, _caches, _equinox_errors
@@ -149,13 +150,20 @@ def callable_from_tree(tree: Any) -> Any:
     return tree
 
 
-class OutputSpec:
-    """Static part of one trace's output.
+def is_array_or_struct(leaf: Any) -> bool:
+    """Traced by the abstract transforms: arrays and `jax.ShapeDtypeStruct`s."""
+    return _backend.is_array_fast(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
 
-    Returned from the traced function as the single key of a dict
-    (`{OutputSpec(key): dynamic_leaves}`), so that JAX stores it in the compiled
-    signature's output treedef and hands the same object back on every call. Hashed by
-    identity, so unhashable static outputs are fine.
+
+class OutputSpec:
+    """The static part of a trace's output, carried out of the trace by JAX itself.
+
+    Every transform returns its traced function's output as `{OutputSpec(key): dynamic
+    leaves}` (`split_output`): JAX keeps dict keys in the output treedef, so the key comes
+    back with the results (and, under `jax.jit`, on every later call of the compiled
+    program with no Python callback), and `join_output` rebuilds the output. Equal when
+    the keys are equal, since JAX compares treedefs (a custom_vjp's primal and forward
+    outputs, say); the hash never raises, so unhashable static outputs are fine.
     """
 
     __slots__ = ("key",)
@@ -163,8 +171,37 @@ class OutputSpec:
     def __init__(self, key):
         self.key = key
 
+    def __eq__(self, other: object) -> bool:
+        return type(other) is OutputSpec and (self.key is other.key or bool(self.key == other.key))
+
+    def __hash__(self) -> int:
+        try:
+            return hash(self.key)
+        except Exception:  # an unhashable static leaf: equal specs still hash alike
+            return 0
+
     def __repr__(self) -> str:
         return "<filterjax output>"
+
+
+def split_output(out: Any, core: Any = None, predicate: Any = None) -> dict:
+    """Inside a trace: `{OutputSpec(key): dynamic leaves}` for JAX to return (the dynamic
+    leaves are `out`'s arrays, or those `predicate` picks)."""
+    dynamic, key = (core or _backend).flatten_split(out, predicate, hashed=False)
+    return {OutputSpec(key): dynamic}
+
+
+def output_parts(out: dict) -> tuple[Any, Any]:
+    """`(key, leaves)` of what `split_output` made, as JAX returned it."""
+    ((spec, leaves),) = out.items()
+    return spec.key, leaves
+
+
+def join_output(out: dict, core: Any = None, statics: Any = None) -> Any:
+    """The output `split_output` split, with the leaves JAX returned (and `statics` in
+    place of the static leaves, if given)."""
+    key, leaves = output_parts(out)
+    return (core or _backend).rebuild(key, leaves, statics)
 
 
 def run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = None) -> Any:
@@ -172,16 +209,18 @@ def run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = N
     # held in this local, and `_equinox_errors.translate` cuts there.
     __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841
     out = fun(*args, **kwargs)
-    out_dynamic, out_key = (core or _backend).partition(out, hashed=False)
-    if out_key.num_static == 0:
-        # JAX rebuilds an all-array output itself, from the output treedef of the trace.
-        # A lone dict keyed by an OutputSpec is how a trace with static outputs says so.
+    split = split_output(out, core)
+    if next(iter(split)).key.num_static == 0:
+        # JAX rebuilds an all-array output itself, from the output treedef of the trace,
+        # with no rebuild of ours per call. A lone dict keyed by an OutputSpec is how a
+        # trace with static outputs says so, so such an output is always split.
         if not (type(out) is dict and len(out) == 1 and type(next(iter(out))) is OutputSpec):
             return out
-    return {OutputSpec(out_key): out_dynamic}
+    return split
 
 
 def rebuild_output(out: Any, core: Any = None) -> Any:
+    """The output of a program whose trace ran `run_and_split_output` (split or not)."""
     if type(out) is dict and len(out) == 1:
         ((spec, leaves),) = out.items()
         if type(spec) is OutputSpec:
