@@ -20,6 +20,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.interpreters.ad import JVPTracer
 
 from . import _backend
+from ._compile_utils import OutputSpec, join_output, output_parts, split_output
 from ._wrapper import Wrapper, copy_metadata
 
 __all__ = [
@@ -68,34 +69,6 @@ def _is_inexact_arraylike(x: Any) -> bool:
         return True
     to_array = getattr(x, "__jax_array__", None)
     return callable(to_array) and _is_inexact_leaf(to_array())
-
-
-class _Static:
-    """A PyTree node with no children that carries a Python object through a JAX transform.
-
-    Equality is by value, so two traces that produce equal static parts have equal
-    treedefs (JAX compares them, e.g. between a custom_vjp's primal and forward outputs).
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is _Static and bool(self.value == other.value)
-
-    def __hash__(self) -> int:
-        try:
-            return hash(self.value)
-        except TypeError:
-            return 0
-
-    def __repr__(self) -> str:
-        return f"_Static({self.value!r})"
-
-
-jtu.register_pytree_node(_Static, lambda s: ((), s.value), lambda value, _: _Static(value))
 
 
 def _copy_metadata(wrapper: Any, fun: Callable) -> None:
@@ -395,8 +368,6 @@ def filter_jvp(fn: Callable, primals: Sequence, tangents: Sequence, **kwargs) ->
         out = fn(*primals, **kwargs)
         return out, jtu.tree_map(lambda _: None, out)
 
-    side: dict = {}
-
     def perturbed_fn(*values):
         parts = list(primal_parts)
         for i, value in zip(perturbed, values, strict=True):
@@ -405,26 +376,28 @@ def filter_jvp(fn: Callable, primals: Sequence, tangents: Sequence, **kwargs) ->
         trace = values[0]._trace
         out_leaves, out_def = jtu.tree_flatten(out)
         # Only outputs carried by this JVP trace have a (possibly) non-zero tangent;
-        # everything else goes around `jax.jvp` untouched.
+        # everything else goes around `jax.jvp` untouched, in its output treedef.
         dependent = [type(x) is JVPTracer and x._trace is trace for x in out_leaves]
-        side["leaves"], side["def"], side["dependent"] = out_leaves, out_def, dependent
-        return [x for x, d in zip(out_leaves, dependent, strict=True) if d]
+        around = [None if d else x for x, d in zip(out_leaves, dependent, strict=True)]
+        spec = OutputSpec((out_def, around, dependent))
+        return {spec: [x for x, d in zip(out_leaves, dependent, strict=True) if d]}
 
-    dependent_out, dependent_tangents = jax.jvp(
+    out, tangents = jax.jvp(
         perturbed_fn,
         [primal_parts[i] for i in perturbed],
         [tangent_leaves[i] for i in perturbed],
     )
-    out_leaves = side["leaves"]
+    (out_def, around, dependent), dependent_out = output_parts(out)
+    _, dependent_tangents = output_parts(tangents)
+    out_leaves = list(around)
     tangents_out = [None] * len(out_leaves)
     values = iter(zip(dependent_out, dependent_tangents, strict=True))
-    for i, d in enumerate(side["dependent"]):
+    for i, d in enumerate(dependent):
         if d:
             value, tangent = next(values)
             out_leaves[i] = value
             if _is_inexact_leaf(value):
                 tangents_out[i] = tangent
-    out_def = side["def"]
     return out_def.unflatten(out_leaves), out_def.unflatten(tangents_out)
 
 
@@ -509,7 +482,6 @@ def filter_vjp(fun: Callable, *primals, has_aux: bool = False):
     ```
     """
     diff_leaves, in_key = _backend.flatten_split(primals, _is_inexact_leaf, hashed=False)
-    side: dict = {}
 
     def diff_fun(leaves):
         out = fun(*_backend.rebuild(in_key, leaves))
@@ -517,12 +489,14 @@ def filter_vjp(fun: Callable, *primals, has_aux: bool = False):
             out, aux = out
         else:
             aux = None
-        out_leaves, out_key = _backend.flatten_split(out, _is_inexact_leaf, hashed=False)
-        side["key"] = out_key
-        return out_leaves, (out_key.statics, aux)
+        # JAX differentiates the floating-point arrays. The output's structure goes
+        # around it in the treedef of the auxiliary output, and its other leaves (arrays
+        # of other dtypes among them) as auxiliary values.
+        ((spec, out_leaves),) = split_output(out, predicate=_is_inexact_leaf).items()
+        return out_leaves, ({spec: ()}, spec.key.statics, aux)
 
-    diff_out, jax_vjp, (out_statics, aux) = jax.vjp(diff_fun, diff_leaves, has_aux=True)
-    out_key = side["key"]
+    diff_out, jax_vjp, (carried, out_statics, aux) = jax.vjp(diff_fun, diff_leaves, has_aux=True)
+    out_key, _ = output_parts(carried)
     out = _backend.rebuild(out_key, diff_out, out_statics)
     diff_tree = _backend.rebuild(out_key, diff_out, [None] * out_key.num_static)
     spec = _VjpSpec(in_key, out_key, jtu.tree_structure(out), jtu.tree_structure(diff_tree))
@@ -554,21 +528,19 @@ class _Jacobian(Wrapper):
         diff_leaves, key = _backend.flatten_split(x, _is_inexact_leaf, hashed=False)
         diff_x = _backend.rebuild(key, diff_leaves, [None] * key.num_static)
         fun, has_aux = self.fun, self.has_aux
-        side: dict = {}
 
         def diff_fun(_diff_x):
             out = fun(_backend.rebuild(key, jtu.tree_leaves(_diff_x)), *args, **kwargs)
             if not has_aux:
                 return out, None
             out, aux = out
-            # JAX's jacobians only carry arrays as aux; everything else goes around them.
-            aux_leaves, side["aux_key"] = _backend.flatten_split(aux, hashed=False)
-            return out, aux_leaves
+            # JAX's jacobians only carry arrays as aux; the rest goes around them.
+            return out, split_output(aux)
 
         jacobian = jax.jacrev if self.rev else jax.jacfwd
-        jac, aux_leaves = jacobian(diff_fun, has_aux=True)(diff_x)
+        jac, aux = jacobian(diff_fun, has_aux=True)(diff_x)
         if has_aux:
-            return jac, _backend.rebuild(side["aux_key"], aux_leaves)
+            return jac, join_output(aux)
         return jac
 
 
@@ -968,8 +940,7 @@ class filter_custom_vjp:
         def primal(vjp_key, diff_mask, args_key, diff, nondiff, arg_arrays):
             vjp_arg = _backend.rebuild(vjp_key, _merge_by_mask(diff, nondiff, diff_mask))
             args, kwargs = _backend.rebuild(args_key, arg_arrays)
-            out_leaves, out_key = _backend.flatten_split(fn(vjp_arg, *args, **kwargs), hashed=False)
-            return out_leaves, _Static(out_key)
+            return split_output(fn(vjp_arg, *args, **kwargs))
 
         def forward(vjp_key, diff_mask, args_key, diff, nondiff, arg_arrays):
             diff_values = [_as_array(p.value) for p in diff]
@@ -989,25 +960,23 @@ class filter_custom_vjp:
                     f"(out, residuals); got {type(result).__name__}."
                 )
             out, residuals = result
-            out_leaves, out_key = _backend.flatten_split(out, hashed=False)
             res_leaves, res_key = _backend.flatten_split(residuals, hashed=False)
             saved = _VjpResiduals(
-                res_leaves, _Static(res_key), vjp_leaves, arg_values, _Static(perturbed)
+                res_leaves, OutputSpec(res_key), vjp_leaves, arg_values, OutputSpec(perturbed)
             )
-            return (out_leaves, _Static(out_key)), saved
+            return split_output(out), saved
 
         def backward(vjp_key, diff_mask, args_key, saved, grad_out):
-            out_cts, out_static = grad_out
-            out_key = out_static.value
+            out_key, out_cts = output_parts(grad_out)
             ct_leaves = [
                 None if type(ct) is SymbolicZero or not _is_inexact_leaf(ct) else ct
                 for ct in out_cts
             ]
             grad_obj = _backend.rebuild(out_key, ct_leaves, [None] * out_key.num_static)
-            residuals = _backend.rebuild(saved.res_key.value, saved.res_leaves)
+            residuals = _backend.rebuild(saved.res_key.key, saved.res_leaves)
             vjp_arg = _backend.rebuild(vjp_key, saved.vjp_values)
             args, kwargs = _backend.rebuild(args_key, saved.arg_values)
-            perturbed = saved.perturbed.value
+            perturbed = saved.perturbed.key
             grads = self.fn_bwd(residuals, grad_obj, perturbed, vjp_arg, *args, **kwargs)
             return _gradients_for_vjp_arg(grads, vjp_key, diff_mask, name), None, None
 
@@ -1027,10 +996,7 @@ class filter_custom_vjp:
         arg_arrays, args_key = _backend.flatten_split((args, kwargs), hashed=False)
         if arg_arrays:
             arg_arrays = _not_differentiable(self._args_message, arg_arrays)
-        out_leaves, out_static = self._custom(
-            vjp_key, diff_mask, args_key, diff, nondiff, arg_arrays
-        )
-        return _backend.rebuild(out_static.value, out_leaves)
+        return join_output(self._custom(vjp_key, diff_mask, args_key, diff, nondiff, arg_arrays))
 
 
 class _NotAnArray:
@@ -1123,15 +1089,13 @@ class _CheckpointWrapper(Wrapper):
 
             def run(key, dynamic):
                 args, kwargs = _backend.rebuild(key, dynamic)
-                out_leaves, out_key = _backend.flatten_split(fun(*args, **kwargs), hashed=False)
-                return out_leaves, _Static(out_key)
+                return split_output(fun(*args, **kwargs))
 
             checkpointed = self._checkpointed = jax.checkpoint(
                 run, prevent_cse=self._prevent_cse, policy=self._policy, static_argnums=(0,)
             )
         dynamic, key = _backend.flatten_split((args, kwargs))
-        out_leaves, out_static = checkpointed(key, dynamic)
-        return _backend.rebuild(out_static.value, out_leaves)
+        return join_output(checkpointed(key, dynamic))
 
 
 @overload

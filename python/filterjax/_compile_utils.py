@@ -191,13 +191,13 @@ def split_output(out: Any, core: Any = None, predicate: Any = None) -> dict:
     return {OutputSpec(key): dynamic}
 
 
-def output_parts(out: dict) -> tuple[Any, Any]:
+def output_parts(out: Any) -> tuple[Any, Any]:
     """`(key, leaves)` of what `split_output` made, as JAX returned it."""
     ((spec, leaves),) = out.items()
     return spec.key, leaves
 
 
-def join_output(out: dict, core: Any = None, statics: Any = None) -> Any:
+def join_output(out: Any, core: Any = None, statics: Any = None) -> Any:
     """The output `split_output` split, with the leaves JAX returned (and `statics` in
     place of the static leaves, if given)."""
     key, leaves = output_parts(out)
