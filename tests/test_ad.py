@@ -1016,7 +1016,7 @@ def test_checkpoint_unhashable_static_is_a_clear_error():
         ck(jnp.array(1.0), Unhashable())
 
 
-# Issue 11, gap 3: non-array primals reach the rule as given, and the primal output keeps
+# Non-array primals reach the rule as given, and the primal output keeps
 # their type (as in Equinox).
 def _custom_add(record):
     @fj.filter_custom_jvp

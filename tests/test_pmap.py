@@ -135,7 +135,7 @@ def test_programs_kept_per_static_signature_are_bounded(monkeypatch):
     assert len(f._state[0].table.programs) == 3
 
 
-# Issue 11, gap 2: no mapped axis and no axis_size is a clear error, raised before JAX.
+# No mapped axis and no axis_size is a clear error, raised before JAX.
 @pytest.mark.parametrize(
     ("kwargs", "args"),
     [

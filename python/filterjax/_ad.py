@@ -21,7 +21,7 @@ from jax.interpreters.ad import JVPTracer
 
 from . import _backend
 from ._compile_utils import OutputSpec, join_output, output_parts, split_output
-from ._wrapper import Wrapper, copy_metadata
+from ._wrapper import NO_FUNCTION, Wrapper, copy_metadata
 
 __all__ = [
     "filter_grad",
@@ -35,8 +35,6 @@ __all__ = [
     "filter_custom_vjp",
     "filter_checkpoint",
 ]
-
-_sentinel: Any = object()
 
 
 def _is_none(x: Any) -> bool:
@@ -178,7 +176,7 @@ def filter_value_and_grad(
 ) -> Callable[_P, tuple[tuple[_T, _A], Any]]: ...
 
 
-def filter_value_and_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs: Any) -> Any:
+def filter_value_and_grad(fun=NO_FUNCTION, *, has_aux: bool = False, **gradkwargs: Any) -> Any:
     """Creates a function that evaluates both `fun` and the gradient of `fun`.
 
     The gradient is taken with respect to every floating-point (or complex) JAX/NumPy
@@ -213,7 +211,7 @@ def filter_value_and_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs:
 
     ```
     """
-    if fun is _sentinel:
+    if fun is NO_FUNCTION:
         return functools.partial(filter_value_and_grad, has_aux=has_aux, **gradkwargs)
     _check_gradkwargs(gradkwargs)
     return _ValueAndGradWrapper(fun, has_aux, gradkwargs)
@@ -243,7 +241,7 @@ def filter_grad(
 ) -> Callable[_P, tuple[Any, _A]]: ...
 
 
-def filter_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs: Any) -> Any:
+def filter_grad(fun=NO_FUNCTION, *, has_aux: bool = False, **gradkwargs: Any) -> Any:
     """Creates a function that computes the gradient of `fun`.
 
     The gradient is taken with respect to every floating-point (or complex) JAX/NumPy
@@ -278,7 +276,7 @@ def filter_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs: Any) -> A
 
     ```
     """
-    if fun is _sentinel:
+    if fun is NO_FUNCTION:
         return functools.partial(filter_grad, has_aux=has_aux, **gradkwargs)
     _check_gradkwargs(gradkwargs)
     return _GradWrapper(_ValueAndGradWrapper(fun, has_aux, gradkwargs), has_aux)
@@ -1114,7 +1112,7 @@ def filter_checkpoint(
 
 
 def filter_checkpoint(
-    fun: Any = _sentinel,
+    fun: Any = NO_FUNCTION,
     *,
     prevent_cse: bool = True,
     policy: Callable[..., bool] | None = None,
@@ -1149,6 +1147,6 @@ def filter_checkpoint(
 
     ```
     """
-    if fun is _sentinel:
+    if fun is NO_FUNCTION:
         return functools.partial(filter_checkpoint, prevent_cse=prevent_cse, policy=policy)
     return _CheckpointWrapper(fun, prevent_cse, policy)

@@ -9,12 +9,9 @@ import jax
 import jax.tree_util as jtu
 
 from . import _backend
+from ._compile_utils import has_shape_and_dtype
 
 __all__ = ["filter_pure_callback"]
-
-
-def _is_struct(leaf: Any) -> bool:
-    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
 
 
 def _always(_: Any) -> bool:
@@ -103,7 +100,7 @@ def filter_pure_callback(
     vmap_method = _vmap_method_for(vmap_method, vectorized)
     dynamic, key = _backend.flatten_split((args, kwargs), hashed=False)
     expected, expected_key = _backend.flatten_split(result_shape_dtypes, _always, hashed=False)
-    struct_index = [i for i, leaf in enumerate(expected) if _is_struct(leaf)]
+    struct_index = [i for i, leaf in enumerate(expected) if has_shape_and_dtype(leaf)]
     structs = [expected[i] for i in struct_index]
     struct_set = set(struct_index)
 

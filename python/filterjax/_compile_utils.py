@@ -150,6 +150,11 @@ def callable_from_tree(tree: Any) -> Any:
     return tree
 
 
+def has_shape_and_dtype(leaf: Any) -> bool:
+    """Arrays, `jax.ShapeDtypeStruct`s and anything else with `.shape` and `.dtype`."""
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+
+
 def is_array_or_struct(leaf: Any) -> bool:
     """Traced by the abstract transforms: arrays and `jax.ShapeDtypeStruct`s."""
     return _backend.is_array_fast(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)

@@ -49,7 +49,7 @@ from ._compile_utils import (
 )
 from ._errors import UnhashableStaticError, rename_root
 from ._plans import IDENTITY_PLAN, apply_plan, make_plan
-from ._wrapper import Wrapper, callable_name, metadata_of
+from ._wrapper import NO_FUNCTION, Wrapper, callable_name, metadata_of
 
 __all__ = ["filter_jit"]
 
@@ -137,9 +137,6 @@ class JitFunction(Protocol[_P, _T]):
     ) -> Callable[_Q, _T]: ...
 
 
-_UNSET: Any = object()
-
-
 class _JitProgram:
     """Everything compiled for one function (by its static part) and one set of options.
 
@@ -170,7 +167,7 @@ class _JitProgram:
         self.metadata = metadata_of(fun)
         _caches.register_owner(self)
 
-    def wrap(self, leading: Any, fn: Any = _UNSET) -> Any:
+    def wrap(self, leading: Any, fn: Any = NO_FUNCTION) -> Any:
         """A wrapper (a `filter_jit` function) around this program and `leading`.
 
         `fn` is the wrapper's first PyTree child (the function's name, as in Equinox),
@@ -191,7 +188,7 @@ class _JitProgram:
         )
         attributes = wrapper.__dict__
         attributes["_program"] = self
-        attributes["fn"] = self.name if fn is _UNSET else fn
+        attributes["fn"] = self.name if fn is NO_FUNCTION else fn
         attributes.update(self.metadata)
         return wrapper
 
@@ -424,7 +421,7 @@ def filter_jit(
 ) -> JitFunction[_P, _T]: ...
 
 
-def filter_jit(fun=None, *, donate: Donate = "none", **jitkwargs):
+def filter_jit(fun=NO_FUNCTION, *, donate: Donate = "none", **jitkwargs):
     """An easier-to-use version of `jax.jit`. All JAX and NumPy arrays are traced, and
     all other types are held static.
 
@@ -489,7 +486,7 @@ def filter_jit(fun=None, *, donate: Donate = "none", **jitkwargs):
         donated through the first argument (packed into a tuple if necessary).
     """
     check_options("filter_jit", donate, DONATE_MODES, jitkwargs, _RESERVED_JIT_KWARGS)
-    if fun is None:
+    if fun is NO_FUNCTION:
         return functools.partial(filter_jit, donate=donate, **jitkwargs)
     if not callable(fun):
         raise TypeError(f"filter_jit expects a callable, got {type(fun).__name__}")

@@ -10,14 +10,9 @@ from typing import Any
 import jax
 
 from . import _backend
-from ._compile_utils import join_output, split_output
+from ._compile_utils import has_shape_and_dtype, join_output, split_output
 
 __all__ = ["filter_make_jaxpr"]
-
-
-def _has_shape_and_dtype(leaf: Any) -> bool:
-    """Anything with `.shape` and `.dtype` (arrays, `jax.ShapeDtypeStruct`) is traced."""
-    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
 
 
 def _to_struct(leaf: Any) -> jax.ShapeDtypeStruct:
@@ -30,7 +25,7 @@ class _MakeJaxpr:
         functools.update_wrapper(self, fun)
 
     def __call__(self, /, *args, **kwargs):
-        dynamic, key = _backend.flatten_split((args, kwargs), _has_shape_and_dtype, hashed=False)
+        dynamic, key = _backend.flatten_split((args, kwargs), has_shape_and_dtype, hashed=False)
 
         def traced(*leaves):
             call_args, call_kwargs = _backend.rebuild(key, list(leaves))

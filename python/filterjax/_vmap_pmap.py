@@ -41,7 +41,7 @@ from ._compile_utils import (
 )
 from ._errors import UnhashableStaticError, format_path
 from ._filters import if_array
-from ._wrapper import Wrapper, callable_name, copy_metadata
+from ._wrapper import NO_FUNCTION, Wrapper, callable_name, copy_metadata
 
 __all__ = ["filter_vmap", "filter_pmap"]
 
@@ -151,7 +151,7 @@ def _check_no_kwargs(kwargs: dict, transform: str) -> None:
 
 
 def _require_mapped_axis(transform: str, any_mapped: bool, axis_size: int | None) -> None:
-    """[issue 11] Refuse, before JAX sees it, a call where nothing gives the axis size."""
+    """Refuse, before JAX sees it, a call where nothing gives the axis size."""
     if any_mapped or axis_size is not None:
         return
     raise ValueError(
@@ -309,7 +309,7 @@ class _VmapWrapper(Wrapper):
             out = self._fun(*rebuild_args(tracers))
             return self._split_output(out, side)
 
-        _require_mapped_axis("filter_vmap", bool(mapped), self._axis_size)  # [issue 11]
+        _require_mapped_axis("filter_vmap", bool(mapped), self._axis_size)
         jax_out_axes = self._out_axis if self._uniform_out else (0, None)
         try:
             out = jax.vmap(
@@ -422,7 +422,7 @@ def filter_vmap(
 
 
 def filter_vmap(
-    fun=None,
+    fun=NO_FUNCTION,
     *,
     in_axes: Any = if_array(0),
     out_axes: Any = if_array(0),
@@ -509,7 +509,7 @@ def filter_vmap(
 
         ```
     """
-    if fun is None:
+    if fun is NO_FUNCTION:
         return functools.partial(
             filter_vmap,
             in_axes=in_axes,
@@ -907,7 +907,7 @@ def filter_pmap(
 
 
 def filter_pmap(
-    fun=None,
+    fun=NO_FUNCTION,
     *,
     in_axes: Any = if_array(0),
     out_axes: Any = if_array(0),
@@ -979,7 +979,7 @@ def filter_pmap(
         ```
     """
     check_options("filter_pmap", donate, _PMAP_DONATE_MODES, pmapkwargs, _RESERVED_PMAP_KWARGS)
-    if fun is None:
+    if fun is NO_FUNCTION:
         return functools.partial(
             filter_pmap,
             in_axes=in_axes,
