@@ -35,8 +35,11 @@ from ._compile_utils import (
     call_donating,
     callable_as_tree,
     check_options,
+    join_output,
+    output_parts,
     rebuild_output,
     run_and_split_output,
+    split_output,
     with_call_path,
 )
 from ._errors import UnhashableStaticError, format_path
@@ -220,7 +223,7 @@ def _unmapped_but_batched(err: ValueError, info: Any, uniform_out: bool) -> Valu
     unmapped = [
         i
         for i, (leaf, axis) in enumerate(zip(leaves, axes, strict=True))
-        if axis is None and _backend.is_array_fast(leaf)
+        if axis is None and leaf is _ARRAY_LEAF
     ]
     if target >= len(unmapped):
         return None
@@ -270,128 +273,158 @@ class _VmapWrapper(Wrapper):
         _check_no_kwargs(kwargs, "filter_vmap")
         if not self._derived:
             self._derive()
-        in_axes = self._in_axes
-        if type(in_axes) is dict:
-            in_axes = _named_in_axes(in_axes, self._names, len(args), self._name)
-
-        if self._uniform_in and in_axes is self._in_axes:
-            axis = self._in_axis
-            if axis is None:
-                mapped: list = []
-                key = None
-                all_leaves = None
-            else:
-                mapped, key = _backend.flatten_split(args, hashed=False)
-                all_leaves = None
-            jax_in_axes: Any = axis
-        else:
-            all_leaves, key = _backend.flatten_split(args, _always, hashed=False)
-            leaf_axes = _leaf_axes(in_axes, args, all_leaves, "in_axes")
-            mapped_index = [i for i, a in enumerate(leaf_axes) if a is not None]
-            mapped = [all_leaves[i] for i in mapped_index]
-            jax_in_axes = tuple(leaf_axes[i] for i in mapped_index)
-
-        def rebuild_args(tracers):
-            if key is None:
-                return args
-            if all_leaves is None:
-                return _backend.rebuild(key, list(tracers))
-            leaves = list(all_leaves)
-            for i, tracer in zip(mapped_index, tracers, strict=True):
-                leaves[i] = tracer
-            return _backend.rebuild(key, leaves)
-
-        side: list = []
-        entered = []
+        plan = self._plan(args)
+        _require_mapped_axis("filter_vmap", bool(plan.mapped), self._axis_size)
+        layouts: list = []  # the traced output's layout, read only to explain an error
+        fun, uniform_out, out_axes = self._fun, self._uniform_out, self._out_axes
 
         def vectorised(*tracers):
-            entered.append(True)
-            out = self._fun(*rebuild_args(tracers))
-            return self._split_output(out, side)
+            out = fun(*plan.arguments(tracers))
+            if uniform_out:
+                return split_output(out)
+            layout, mapped, unmapped = _layout_output(out, out_axes)
+            layouts.append(layout)
+            return mapped, unmapped, {OutputSpec(layout): ()}
 
-        _require_mapped_axis("filter_vmap", bool(mapped), self._axis_size)
-        jax_out_axes = self._out_axis if self._uniform_out else (0, None)
         try:
             out = jax.vmap(
                 vectorised,
-                in_axes=jax_in_axes,
-                out_axes=jax_out_axes,
+                in_axes=plan.in_axes,
+                out_axes=self._out_axis if uniform_out else (0, None, None),
                 axis_name=self._axis_name,
                 axis_size=self._axis_size,
                 **self._vmapkwargs,
-            )(*mapped)
+            )(*plan.mapped)
         except (ValueError, TypeError) as err:
-            if entered:
-                better = (
-                    isinstance(err, ValueError)
-                    and side
-                    and _unmapped_but_batched(err, side[0], self._uniform_out)
-                )
-                if better:
-                    raise better from err
-                raise
-            if all_leaves is None:
-                mask = _backend.flatten_split(args, hashed=False)[1].mask
-                indices = [i for i, dynamic in enumerate(mask) if dynamic]
-                axes = [jax_in_axes] * len(mapped)
-            else:
-                indices, axes = mapped_index, list(jax_in_axes)
-            better = _diagnose_mapped_inputs(
-                "filter_vmap", args, indices, axes, mapped, self._axis_size
-            )
+            better = self._diagnose(err, args, plan, layouts)
             if better is None:
                 raise
             raise better from err
-        return self._join_output(side[0], out)
+        if uniform_out:
+            return join_output(out)
+        mapped, unmapped, carried = out
+        layout, _ = output_parts(carried)
+        return _join_output(layout, mapped, unmapped)
 
-    def _split_output(self, out: Any, side: list) -> Any:
-        """Inside the trace: return the arrays for JAX, keep everything else in `side`."""
-        if self._uniform_out:
-            dynamic, out_key = _backend.flatten_split(out, hashed=False)
-            side.append(out_key)
-            return dynamic
-        leaves, out_key = _backend.flatten_split(out, _always, hashed=False)
-        axes = _leaf_axes(self._out_axes, out, leaves, "out_axes")
-        mapped, unmapped = [], []
-        for leaf, axis in zip(leaves, axes, strict=True):
-            if axis is not None:
-                mapped.append(leaf)
-            elif _backend.is_array_fast(leaf):
-                unmapped.append(leaf)
-        side.append((out_key, leaves, axes))
-        return mapped, unmapped
+    def _plan(self, args: tuple) -> _VmapPlan:
+        """Which leaves of `args` JAX maps, and along which axes."""
+        in_axes = self._in_axes
+        if type(in_axes) is dict:
+            in_axes = _named_in_axes(in_axes, self._names, len(args), self._name)
+        if self._uniform_in and in_axes is self._in_axes:
+            axis = self._in_axis
+            if axis is None:
+                return _VmapPlan(args, None, [], axis)
+            mapped, key = _backend.flatten_split(args, hashed=False)
+            return _VmapPlan(args, key, mapped, axis)
+        all_leaves, key = _backend.flatten_split(args, _always, hashed=False)
+        leaf_axes = _leaf_axes(in_axes, args, all_leaves, "in_axes")
+        mapped_index = [i for i, a in enumerate(leaf_axes) if a is not None]
+        mapped = [all_leaves[i] for i in mapped_index]
+        jax_in_axes = tuple(leaf_axes[i] for i in mapped_index)
+        return _VmapPlan(args, key, mapped, jax_in_axes, all_leaves, mapped_index)
 
-    def _join_output(self, info: Any, vectorised_out: Any) -> Any:
-        if self._uniform_out:
-            return _backend.rebuild(info, vectorised_out)
-        out_key, leaves, axes = info
-        mapped, unmapped = vectorised_out
-        mapped_iter, unmapped_iter = iter(mapped), iter(unmapped)
-        paths = None
-        joined = []
-        for index, (leaf, axis) in enumerate(zip(leaves, axes, strict=True)):
-            if axis is not None:
-                value = next(mapped_iter)
-                ndim = np.ndim(value)
-                if not -ndim <= axis < ndim:
-                    if paths is None:
-                        paths = [
-                            format_path(tuple(p), "out")
-                            for p, _ in jtu.tree_flatten_with_path(
-                                _backend.rebuild(out_key, leaves)
-                            )[0]
-                        ]
-                    raise ValueError(
-                        f"filter_vmap: out_axes puts the mapped axis of the output at "
-                        f"{paths[index]} at position {axis}, which is out of range for its "
-                        f"batched shape {tuple(np.shape(value))}."
-                    )
-                joined.append(_moveaxis(value, axis))
-            elif _backend.is_array_fast(leaf):
-                joined.append(next(unmapped_iter))
-            else:
-                joined.append(leaf)
-        return _backend.rebuild(out_key, joined)
+    def _diagnose(
+        self, err: Exception, args: tuple, plan: _VmapPlan, layouts: list
+    ) -> ValueError | None:
+        """A clearer error than JAX's, naming the leaf at fault, or None."""
+        if plan.traced:
+            # JAX refused the output, or the function itself raised.
+            if isinstance(err, ValueError) and layouts:
+                return _unmapped_but_batched(err, layouts[0], self._uniform_out)
+            return None
+        if plan.all_leaves is None:
+            mask = _backend.flatten_split(args, hashed=False)[1].mask
+            indices = [i for i, dynamic in enumerate(mask) if dynamic]
+            axes = [plan.in_axes] * len(plan.mapped)
+        else:
+            indices, axes = plan.mapped_index, list(plan.in_axes)
+        return _diagnose_mapped_inputs(
+            "filter_vmap", args, indices, axes, plan.mapped, self._axis_size
+        )
+
+
+class _VmapPlan:
+    """One call's mapped leaves and their axes, and how to rebuild the arguments from
+    JAX's tracers."""
+
+    __slots__ = ("args", "key", "mapped", "in_axes", "all_leaves", "mapped_index", "traced")
+
+    def __init__(self, args, key, mapped, in_axes, all_leaves=None, mapped_index=None):
+        self.args = args
+        self.key = key
+        self.mapped = mapped
+        self.in_axes = in_axes
+        self.all_leaves = all_leaves
+        self.mapped_index = mapped_index
+        self.traced = False
+
+    def arguments(self, tracers: tuple) -> Any:
+        self.traced = True
+        if self.key is None:
+            return self.args
+        if self.all_leaves is None:
+            return _backend.rebuild(self.key, list(tracers))
+        leaves = list(self.all_leaves)
+        for i, tracer in zip(self.mapped_index, tracers, strict=True):
+            leaves[i] = tracer
+        return _backend.rebuild(self.key, leaves)
+
+
+class _NotStatic:
+    """Stands in a vmap output layout for an array leaf (the array goes through JAX)."""
+
+    __slots__ = ()
+
+
+_ARRAY_LEAF = _NotStatic()
+
+
+def _layout_output(out: Any, out_axes: Any) -> tuple[tuple, list, list]:
+    """Inside the trace: `(layout, mapped arrays, unmapped arrays)` of the output, the
+    layout being `(key, leaves with _ARRAY_LEAF for arrays, out axis per leaf)`."""
+    leaves, out_key = _backend.flatten_split(out, _always, hashed=False)
+    axes = _leaf_axes(out_axes, out, leaves, "out_axes")
+    mapped, unmapped, kept = [], [], []
+    for leaf, axis in zip(leaves, axes, strict=True):
+        if axis is not None:
+            mapped.append(leaf)
+            kept.append(_ARRAY_LEAF)
+        elif _backend.is_array_fast(leaf):
+            unmapped.append(leaf)
+            kept.append(_ARRAY_LEAF)
+        else:
+            kept.append(leaf)
+    return (out_key, kept, axes), mapped, unmapped
+
+
+def _join_output(layout: tuple, mapped: list, unmapped: list) -> Any:
+    """The output from its layout and the mapped and unmapped arrays JAX returned."""
+    out_key, leaves, axes = layout
+    mapped_iter, unmapped_iter = iter(mapped), iter(unmapped)
+    paths = None
+    joined = []
+    for index, (leaf, axis) in enumerate(zip(leaves, axes, strict=True)):
+        if axis is not None:
+            value = next(mapped_iter)
+            ndim = np.ndim(value)
+            if not -ndim <= axis < ndim:
+                if paths is None:
+                    paths = [
+                        format_path(tuple(p), "out")
+                        for p, _ in jtu.tree_flatten_with_path(_backend.rebuild(out_key, leaves))[0]
+                    ]
+                raise ValueError(
+                    f"filter_vmap: out_axes puts the mapped axis of the output at "
+                    f"{paths[index]} at position {axis}, which is out of range for its "
+                    f"batched shape {tuple(np.shape(value))}."
+                )
+            joined.append(_moveaxis(value, axis))
+        elif leaf is _ARRAY_LEAF:
+            joined.append(next(unmapped_iter))
+        else:
+            joined.append(leaf)
+    return _backend.rebuild(out_key, joined)
 
 
 _P = ParamSpec("_P")
