@@ -217,3 +217,28 @@ def test_lower_with_non_uniform_out_axes_and_static_outputs():
     np.testing.assert_allclose(out["mapped"], 2 * np.arange(N))
     assert out["name"] == "out"
     np.testing.assert_allclose(out["shared"], 1.0)
+
+
+def test_output_layout_is_planned_before_the_pmap_is_built():
+    """Out axes beyond any default are planned by one abstract pass, then the pmap is
+    built once: a call with the same shapes traces nothing more, new shapes plan again."""
+    traces = []
+
+    def f(a, tag):
+        traces.append(tag)
+        return {"deep": jnp.ones((1,) * 6) * a.sum(), "rank": a * 2, "tag": tag}
+
+    g = fj.filter_pmap(f, out_axes={"deep": 6, "rank": -1, "tag": None})
+    x = jnp.ones((8, 3))
+    out = g(x, "t")
+    assert out["deep"].shape == (1,) * 6 + (8,)
+    assert out["rank"].shape == (3, 8)
+    assert out["tag"] == "t"
+    first = len(traces)
+    assert first == 2  # the abstract pass, then the pmap's trace
+    g(x + 1, "t")
+    assert len(traces) == first
+    out = g(jnp.ones((8, 2, 5)), "t")  # other ranks: the layout is planned again
+    assert out["rank"].shape == (2, 5, 8)
+    assert len(traces) == first + 2
+    assert len(g._state[0].table.programs) == 2

@@ -560,14 +560,6 @@ def filter_vmap(
 # filter_pmap
 
 
-class _MoreOutputGroups(Exception):
-    """Raised from inside a trace: the output needs more per-axis groups than provided."""
-
-    def __init__(self, needed: int):
-        super().__init__(needed)
-        self.needed = needed
-
-
 def _normalise_out_axis(axis: int, leaf: Any) -> int:
     rank = np.ndim(leaf) + 1  # the mapped axis is inserted into the per-device value
     if not -rank <= axis < rank:
@@ -613,17 +605,57 @@ class _PmapProgram:
         self.silence_unused_donation = donate == "all"
         self.dummy = None if axis_size is None else np.zeros(axis_size, np.int8)
         self.table = SignatureTable()
-        self.groups = 4
         _caches.register_owner(self)
 
     def _clear_cache(self) -> None:
         self.table.clear()
-        self.groups = 4
 
-    def pmap_for(self, cache_key, key, leaf_axes: tuple | None, groups: int):
-        # One jax.pmap per static signature, looked up by the call's StaticKey alone on the
-        # fast path (uniform axes), else by (key, per-leaf input axes, output groups).
-        return self.table.get_or_make(cache_key, lambda: self._make_pmap(key, leaf_axes, groups))
+    def pmap_for(self, key, leaf_axes: tuple | None, fun_dynamic, dynamic):
+        """The `jax.pmap` for a call: one per static signature, found by the call's
+        StaticKey alone with uniform axes, else by the per-leaf input axes too, and, when
+        the output is split by out axis, by the arrays' shapes and dtypes (which decide
+        the output's ranks, and so its layout)."""
+        if self.uniform_out:
+            cache_key = key if leaf_axes is None else (key, leaf_axes)
+            return self.table.get_or_make(cache_key, lambda: self._make_pmap(key, leaf_axes, 0))
+        cache_key = (key, leaf_axes, _shapes(fun_dynamic), _shapes(dynamic))
+        return self.table.get_or_make(
+            cache_key,
+            lambda: self._make_pmap(
+                key, leaf_axes, self._output_groups(key, leaf_axes, fun_dynamic, dynamic)
+            ),
+        )
+
+    def _in_axes(self, leaf_axes: tuple | None) -> tuple:
+        return ((None, self.in_axis if leaf_axes is None else leaf_axes, 0),)
+
+    def _output_groups(self, key, leaf_axes: tuple | None, fun_dynamic, dynamic) -> int:
+        """How many per-axis groups the output needs: one per non-negative out axis up to
+        the largest, found by an abstract pass (`jax.eval_shape` of the function mapped
+        as `jax.pmap` will map it) before the pmap is built."""
+        core, fun_key, out_axes = self.core, self.fun_key, self.out_axes
+
+        def largest_axis(leaves):
+            fun_dynamic, dynamic, _ = leaves
+            fun = core.rebuild(fun_key, fun_dynamic)
+            out = fun(*core.rebuild(key, list(dynamic)))
+            leaves, _ = core.flatten_split(out, _always, hashed=False)
+            axes = _leaf_axes(out_axes, out, leaves, "out_axes")
+            normalised = [
+                _normalise_out_axis(axis, leaf)
+                for leaf, axis in zip(leaves, axes, strict=True)
+                if axis is not None
+            ]
+            return {OutputSpec(max(normalised, default=-1)): ()}
+
+        mapped = jax.vmap(
+            largest_axis,
+            in_axes=self._in_axes(leaf_axes),
+            axis_name=self.axis_name,
+            axis_size=self.axis_size,
+        )
+        largest, _ = output_parts(jax.eval_shape(mapped, (fun_dynamic, dynamic, self.dummy)))
+        return largest + 1
 
     def _make_pmap(self, key, leaf_axes: tuple | None, groups: int):
         core, fun_key = self.core, self.fun_key
@@ -642,12 +674,11 @@ class _PmapProgram:
             return _group_output(core, fun(*args), out_axes, groups)
 
         parallelised.__name__ = parallelised.__qualname__ = self.name
-        dynamic_axes = self.in_axis if leaf_axes is None else leaf_axes
         pmap_out_axes: Any = self.out_axis if uniform_out else (None, *range(groups), None)
         return jax.pmap(
             parallelised,
             axis_name=self.axis_name,
-            in_axes=((None, dynamic_axes, 0),),
+            in_axes=self._in_axes(leaf_axes),
             out_axes=pmap_out_axes,
             axis_size=self.axis_size,
             donate_argnums=() if self.donate == "none" else (0,),
@@ -773,22 +804,13 @@ class _PmapWrapper(Wrapper):
         leaf_axes = tuple(a for a, m in zip(axes, key.mask, strict=True) if m)
         return key, leaf_axes, tuple(dynamic)
 
-    def _pmapped_for(self, program, key, leaf_axes, groups):
-        cache_key = key if leaf_axes is None and groups == 4 else (key, leaf_axes, groups)
-        return program.pmap_for(cache_key, key, leaf_axes, groups)
-
     def __call__(self, /, *args, **kwargs):
         _check_no_kwargs(kwargs, "filter_pmap")
         program, fun_dynamic = self._ready()
         key, leaf_axes, dynamic = self._call_args(program, args)
         self._require_mapped(program, leaf_axes, dynamic)
-        groups = program.groups
-        pmapped = self._pmapped_for(program, key, leaf_axes, groups)
         try:
-            out = program.run(pmapped, fun_dynamic, dynamic)
-        except _MoreOutputGroups as more:
-            program.groups = groups = max(program.groups, more.needed)
-            pmapped = self._pmapped_for(program, key, leaf_axes, groups)
+            pmapped = program.pmap_for(key, leaf_axes, fun_dynamic, dynamic)
             out = program.run(pmapped, fun_dynamic, dynamic)
         except ValueError as err:
             better = self._diagnose(program, args, key, leaf_axes, dynamic)
@@ -809,13 +831,8 @@ class _PmapWrapper(Wrapper):
         program, fun_dynamic = self._ready()
         key, leaf_axes, dynamic = self._call_args(program, args)
         self._require_mapped(program, leaf_axes, dynamic)
-        groups = program.groups
         flat = (fun_dynamic, dynamic, program.dummy)
-        try:
-            lowered = self._pmapped_for(program, key, leaf_axes, groups).lower(flat)
-        except _MoreOutputGroups as more:
-            program.groups = groups = max(program.groups, more.needed)
-            lowered = self._pmapped_for(program, key, leaf_axes, groups).lower(flat)
+        lowered = program.pmap_for(key, leaf_axes, fun_dynamic, dynamic).lower(flat)
         return _PmapLowered(program, fun_dynamic, lowered, (key, leaf_axes), self)
 
     def _require_mapped(self, program, leaf_axes, dynamic) -> None:
@@ -877,6 +894,10 @@ class _GroupedOutput:
         self.placement = placement
 
 
+def _shapes(leaves: Sequence) -> tuple:
+    return tuple((np.shape(leaf), getattr(leaf, "dtype", None)) for leaf in leaves)
+
+
 def _group_output(core: Any, out: Any, out_axes: Any, groups: int) -> tuple:
     """Inside the trace: split the output into one list per (non-negative) out axis."""
     leaves, out_key = core.flatten_split(out, _always, hashed=False)
@@ -887,8 +908,8 @@ def _group_output(core: Any, out: Any, out_axes: Any, groups: int) -> tuple:
     for leaf, axis in zip(leaves, axes, strict=True):
         if axis is not None:
             axis = _normalise_out_axis(axis, leaf)
-            if axis >= groups:
-                raise _MoreOutputGroups(max(axis + 1, 2 * groups))
+            if axis >= groups:  # the abstract pass saw every output leaf of this trace
+                raise AssertionError(f"filter_pmap: out axis {axis} beyond the {groups} planned")
             placement.append((axis, len(by_axis[axis])))
             by_axis[axis].append(leaf)
         elif _backend.is_array_fast(leaf):
