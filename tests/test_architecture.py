@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BACKENDS
+from helpers import native_core
 
 import filterjax
 from filterjax import _backend, _pycore
@@ -220,18 +221,6 @@ print({other!r} in sys.modules)
 # The core contract
 
 
-def _native_module():
-    """The native core; a missing build skips only when CI does not require it (as
-    test_packaging does), the stub comparison below runs regardless."""
-    try:
-        import filterjax._native as native
-    except ImportError:
-        if os.environ.get("FILTERJAX_REQUIRE_NATIVE") == "1":
-            raise
-        pytest.skip("filterjax._native is not built; compared with _native.pyi instead")
-    return native
-
-
 def _parameters(fun) -> list[tuple[str, object, object]]:
     return [(p.name, p.kind, p.default) for p in inspect.signature(fun).parameters.values()]
 
@@ -243,20 +232,20 @@ _PY_CORE_FUNCTIONS = sorted(
 
 @once
 def test_both_cores_export_the_same_names():
-    native = _native_module()
+    native = native_core()
     assert {name for name in dir(native) if not name.startswith("_")} == set(_pycore.__all__)
 
 
 @once
 @pytest.mark.parametrize("name", _PY_CORE_FUNCTIONS)
 def test_both_cores_functions_have_the_same_signature(name):
-    native = _native_module()
+    native = native_core()
     assert _parameters(getattr(native, name)) == _parameters(getattr(_pycore, name))
 
 
 @once
 def test_both_dispatchers_take_the_same_arguments_and_have_the_same_members():
-    native = _native_module()
+    native = native_core()
     assert _parameters(native.Dispatcher) == _parameters(_pycore.Dispatcher)
     for cls in ("Dispatcher", "StaticKey"):
         native_members = {m for m in dir(getattr(native, cls)) if not m.startswith("_")}

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from helpers import native_core
 
 import filterjax
 from filterjax import PyTreeCycleError, UnhashableStaticError, _backend, _pycore
@@ -311,10 +312,6 @@ def _raise_case(name: str, core) -> BaseException:
     return info.value
 
 
-def _native_core():
-    return pytest.importorskip("filterjax._native")
-
-
 # --------------------------------------------------------------------------------------------
 # Active backend
 # --------------------------------------------------------------------------------------------
@@ -394,7 +391,7 @@ def _churn(core, tree, bad_trees, rounds: int) -> None:
 @pytest.mark.single_backend
 @pytest.mark.parametrize("core_name", ["python", "native"])
 def test_no_reference_leaks_on_success_or_error_paths(core_name):
-    core = _pycore if core_name == "python" else _native_core()
+    core = _pycore if core_name == "python" else native_core()
     static, array, bad, bad_node = "static-" + "x" * 8, jnp.ones(3), BadHash(), FlattenRaises()
     tree = {"a": [array, static, 1.5], "b": (array, static)}
 
@@ -422,7 +419,7 @@ def test_no_reference_leaks_on_success_or_error_paths(core_name):
 @pytest.mark.single_backend
 @pytest.mark.parametrize("name", IN_PROCESS)
 def test_both_cores_raise_the_same_error(name):
-    native = _native_core()
+    native = native_core()
     py_err = _raise_case(name, _pycore)
     nat_err = _raise_case(name, native)
     assert type(nat_err) is type(py_err)
@@ -521,7 +518,7 @@ def _run_child(names: list[str], core_name: str) -> ChildRun:
 
 @pytest.fixture(scope="module")
 def native_child():
-    _native_core()
+    native_core()
     return _run_child(CHILD_ORDER, "native")
 
 

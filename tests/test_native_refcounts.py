@@ -12,8 +12,9 @@ import sys
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from helpers import native_core
 
-_native = pytest.importorskip("filterjax._native")
+_native = native_core(module_level=True)
 
 pytestmark = pytest.mark.single_backend
 
