@@ -1,10 +1,11 @@
 """Compile plumbing shared by the transforms that trace a function once per static
 signature (filter_jit, filter_pmap, filter_eval_shape, filter_make_jaxpr, ...).
 
-Nothing here belongs to one transform: the callable-as-PyTree classes, carrying a
-trace's static output out through JAX's output treedef and rebuilding it, naming a leaf's
-path from the call, `Lowered`/`Compiled`, the donation modes and their unused-donation
-warning.
+Nothing here belongs to one transform: the donation modes, their check and their
+unused-donation warning; the locked, bounded table of programs per static signature; the
+callable-as-PyTree classes; the one way a trace's static output travels out (through
+JAX's output treedef) and is rebuilt; naming a leaf's path from the call;
+`Lowered`/`Compiled`.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def make_plan(signature: inspect.Signature | None, args: tuple, kwargs: dict) ->
 
     `IDENTITY_PLAN`, or `(argument sources, ((keyword, source), ...))` where a source is a
     position in the call's `args` or a name in its `kwargs`: the form the core's
-    Dispatchers apply (`_pycore.apply_plan`). Raises the TypeError `signature.bind` raises
+    Dispatchers apply (`apply_plan`). Raises the TypeError `signature.bind` raises
     when such calls can't bind.
     """
     if signature is None:
