@@ -66,17 +66,17 @@ def make_tree(kind: str, num_leaves: int):
 def operations(tree) -> dict[str, Callable[[], object]]:
     """Name -> zero-argument callable doing one call of that operation on `tree`."""
     leaves, treedef = jtu.tree_flatten(tree)
-    py_dynamic, py_key = _pycore.partition(tree)
+    py_dynamic, py_key = _pycore.flatten_split(tree)
     eqx_dynamic, eqx_static = eqx.partition(tree, eqx.is_array)
     ops = {
         "tree_flatten": lambda: jtu.tree_flatten(tree),
         "unflatten": lambda: treedef.unflatten(leaves),
     }
     if _native is not None:
-        nat_dynamic, nat_key = _native.partition(tree)
-        ops["native partition"] = lambda: _native.partition(tree)
+        nat_dynamic, nat_key = _native.flatten_split(tree)
+        ops["native partition"] = lambda: _native.flatten_split(tree)
         ops["native rebuild"] = lambda: _native.rebuild(nat_key, nat_dynamic)
-    ops["python partition"] = lambda: _pycore.partition(tree)
+    ops["python partition"] = lambda: _pycore.flatten_split(tree)
     ops["python rebuild"] = lambda: _pycore.rebuild(py_key, py_dynamic)
     ops["eqx.partition"] = lambda: eqx.partition(tree, eqx.is_array)
     ops["eqx.combine"] = lambda: eqx.combine(eqx_dynamic, eqx_static)
@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> None:
             "",
             "Median per-call time over interleaved repeats, all operations measured side by side "
             "in one process. `native partition` / `python partition` are "
-            "`_native.partition(tree)` / `_pycore.partition(tree)` (array predicate, hashed "
-            "key); rebuild is `rebuild(key, dynamic)`. Equinox: `eqx.partition(tree, "
+            "`_native.flatten_split(tree)` / `_pycore.flatten_split(tree)` (array predicate, "
+            "hashed key); rebuild is `rebuild(key, dynamic)`. Equinox: `eqx.partition(tree, "
             f"eqx.is_array)` and `eqx.combine(dynamic, static)`.{native_note}",
             "",
             f"Reproduce: `{command}`",

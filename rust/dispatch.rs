@@ -119,7 +119,10 @@ impl Dispatcher {
 impl Dispatcher {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (plans, programs, identity_plan, fallback, output_spec, leading=None, fast=Truthy(true), on_error=None))]
+    #[pyo3(
+        signature = (plans, programs, identity_plan, fallback, output_spec, leading=None, fast=Truthy(true), on_error=None),
+        text_signature = "(plans, programs, identity_plan, fallback, output_spec, leading=None, fast=True, on_error=None)"
+    )]
     fn new(
         py: Python<'_>,
         plans: Bound<'_, PyDict>,
@@ -197,7 +200,7 @@ impl Dispatcher {
                 None => return fallback(args, kwargs),
             }
         };
-        let (dynamic, key) = match flatten::partition(py, tree.as_any(), None, None, true) {
+        let (dynamic, key) = match flatten::flatten_split(py, tree.as_any(), None, None, true) {
             Ok(parts) => parts,
             // The fallback partitions again and raises the error with the call's names.
             Err(err) if err.is_instance_of::<PyException>(py) => return fallback(args, kwargs),

@@ -13,12 +13,14 @@ use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyList, PyTuple};
+use std::sync::RwLock;
 
 use crate::classify::{self, Globals};
 use crate::errors;
 use crate::flatten::{self, Flattener};
 use crate::key::Node;
 use crate::rebuild;
+use crate::Truthy;
 
 /// How one filter_spec leaf sorts the leaves of its subtree.
 enum Spec<'py> {
@@ -61,21 +63,38 @@ impl<'py> Spec<'py> {
     }
 }
 
-static PUBLIC_IS_ARRAY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+/// The public layer's array predicate (`filterjax.is_array`), registered by it at import
+/// through `register_array_predicate`: the core imports nothing from the public layer.
+static PUBLIC_IS_ARRAY: RwLock<Option<Py<PyAny>>> = RwLock::new(None);
 static SYS_MODULES: PyOnceLock<Py<PyDict>> = PyOnceLock::new();
+
+/// Make `predicate` a filter_spec the core answers with its own array test, without calling
+/// it per leaf. It must answer exactly as `is_array` does. A later registration replaces it.
+#[pyfunction]
+fn register_array_predicate(predicate: &Bound<'_, PyAny>) -> PyResult<()> {
+    if !predicate.is_callable() {
+        return Err(PyTypeError::new_err(format!(
+            "register_array_predicate expects a callable, got {}",
+            predicate.get_type().name()?
+        )));
+    }
+    let mut slot = PUBLIC_IS_ARRAY
+        .write()
+        .map_err(|_| PyRuntimeError::new_err("filterjax: array predicate lock poisoned"))?;
+    *slot = Some(predicate.clone().unbind());
+    Ok(())
+}
 
 /// `spec is filterjax.is_array or spec is equinox.is_array` (Equinox's answers the same; it
 /// is looked up only if Equinox is imported, and only for callables that are not ours).
 fn is_array_predicate(spec: &Bound<'_, PyAny>) -> PyResult<bool> {
     let py = spec.py();
-    let public = PUBLIC_IS_ARRAY.get_or_try_init(py, || {
-        Ok::<_, PyErr>(
-            py.import("filterjax._filters")?
-                .getattr("is_array")?
-                .unbind(),
-        )
-    })?;
-    if spec.is(public.bind(py)) {
+    let registered = PUBLIC_IS_ARRAY
+        .read()
+        .map_err(|_| PyRuntimeError::new_err("filterjax: array predicate lock poisoned"))?
+        .as_ref()
+        .is_some_and(|public| spec.as_ptr() == public.as_ptr());
+    if registered {
         return Ok(true);
     }
     let modules = SYS_MODULES.get_or_try_init(py, || {
@@ -398,19 +417,19 @@ fn tree_partition<'py>(
 
 /// `equinox.filter(pytree, filter_spec, inverse, replace, is_leaf)`.
 #[pyfunction]
-#[pyo3(signature = (pytree, filter_spec, inverse=None, replace=None, is_leaf=None))]
+#[pyo3(
+    signature = (pytree, filter_spec, inverse=Truthy(false), replace=None, is_leaf=None),
+    text_signature = "(pytree, filter_spec, inverse=False, replace=None, is_leaf=None)"
+)]
 fn tree_filter<'py>(
     py: Python<'py>,
     pytree: &Bound<'py, PyAny>,
     filter_spec: &Bound<'py, PyAny>,
-    inverse: Option<&Bound<'py, PyAny>>,
+    inverse: Truthy,
     replace: Option<&Bound<'py, PyAny>>,
     is_leaf: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let inverse = match inverse {
-        Some(inverse) => inverse.is_truthy()?,
-        None => false,
-    };
+    let inverse = inverse.0;
     let is_leaf = is_leaf.filter(|f| !f.is_none());
     let split = split(pytree, filter_spec, is_leaf)?;
     split.build(!inverse, &replacement(py, replace))
@@ -567,5 +586,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tree_filter, m)?)?;
     m.add_function(wrap_pyfunction!(tree_combine, m)?)?;
     m.add_function(wrap_pyfunction!(tree_apply_updates, m)?)?;
+    m.add_function(wrap_pyfunction!(register_array_predicate, m)?)?;
     Ok(())
 }

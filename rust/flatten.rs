@@ -1,4 +1,4 @@
-//! `partition`: flatten a PyTree exactly as `jax.tree_util.tree_flatten` does, sort each
+//! `flatten_split`: flatten a PyTree exactly as `jax.tree_util.tree_flatten` does, sort each
 //! leaf into dynamic or static, and build the `StaticKey`, all in one pass.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -432,7 +432,7 @@ fn recursion_limit() -> usize {
     usize::try_from(limit).unwrap_or(0).min(MAX_DEPTH)
 }
 
-pub fn partition<'py>(
+pub fn flatten_split<'py>(
     py: Python<'py>,
     tree: &Bound<'py, PyAny>,
     predicate: Option<&Bound<'py, PyAny>>,

@@ -1,7 +1,7 @@
 //! `filterjax._native`: the per-call PyTree work of filterjax, in Rust.
 //!
 //! A drop-in twin of `python/filterjax/_pycore.py`: same functions, same results, same
-//! errors. `partition` flattens a PyTree with `jax.tree_util` semantics and splits the
+//! errors. `flatten_split` flattens a PyTree with `jax.tree_util` semantics and splits the
 //! leaves into dynamic and static in one pass; `rebuild` is its inverse; `StaticKey` is
 //! the hashable description of everything but the dynamic leaves.
 //!
@@ -50,8 +50,11 @@ fn is_array(py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<bool> {
 
 /// Flatten `tree` and split its leaves into dynamic and static.
 #[pyfunction]
-#[pyo3(signature = (tree, predicate=None, is_leaf=None, hashed=Truthy(true)))]
-fn partition<'py>(
+#[pyo3(
+    signature = (tree, predicate=None, is_leaf=None, hashed=Truthy(true)),
+    text_signature = "(tree, predicate=None, is_leaf=None, hashed=True)"
+)]
+fn flatten_split<'py>(
     py: Python<'py>,
     tree: &Bound<'py, PyAny>,
     predicate: Option<&Bound<'py, PyAny>>,
@@ -60,10 +63,10 @@ fn partition<'py>(
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, StaticKey>)> {
     let predicate = predicate.filter(|p| !p.is_none());
     let is_leaf = is_leaf.filter(|f| !f.is_none());
-    flatten::partition(py, tree, predicate, is_leaf, hashed.0)
+    flatten::flatten_split(py, tree, predicate, is_leaf, hashed.0)
 }
 
-/// Inverse of `partition`: the tree with `dynamic` at the dynamic positions.
+/// Inverse of `flatten_split`: the tree with `dynamic` at the dynamic positions.
 #[pyfunction(name = "rebuild")]
 #[pyo3(signature = (key, dynamic, statics=None))]
 fn rebuild_tree<'py>(
@@ -81,7 +84,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<StaticKey>()?;
     m.add_class::<dispatch::Dispatcher>()?;
     m.add_function(wrap_pyfunction!(is_array, m)?)?;
-    m.add_function(wrap_pyfunction!(partition, m)?)?;
+    m.add_function(wrap_pyfunction!(flatten_split, m)?)?;
     m.add_function(wrap_pyfunction!(rebuild_tree, m)?)?;
     filters::register(m)?;
     Ok(())

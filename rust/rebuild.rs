@@ -1,4 +1,4 @@
-//! `rebuild`: the inverse of `partition`, built like `PyTreeDef.unflatten` (a post-order
+//! `rebuild`: the inverse of `flatten_split`, built like `PyTreeDef.unflatten` (a post-order
 //! walk over the nodes with a stack of finished subtrees; no recursion).
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};

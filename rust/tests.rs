@@ -64,7 +64,7 @@ fn part<'py>(
     py: Python<'py>,
     tree: &Bound<'py, PyAny>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, StaticKey>)> {
-    flatten::partition(py, tree, None, None, true)
+    flatten::flatten_split(py, tree, None, None, true)
 }
 
 #[test]
@@ -133,7 +133,7 @@ fn unhashable_static_reports_its_path() {
         );
         // hashed=False defers the error to the first hash.
         let tree = eval(py, ns, "[{2}]");
-        let (_, key) = flatten::partition(py, &tree, None, None, false).unwrap();
+        let (_, key) = flatten::flatten_split(py, &tree, None, None, false).unwrap();
         assert!(key
             .hash()
             .unwrap_err()

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from helpers import native_core
 
 import filterjax
 from filterjax import PyTreeCycleError, UnhashableStaticError, _backend, _pycore
@@ -136,25 +137,25 @@ def _predicate_raises(x):
 
 
 def _compare_keys(core, a, b):
-    _, key_a = core.partition(a)
-    _, key_b = core.partition(b)
+    _, key_a = core.flatten_split(a)
+    _, key_b = core.flatten_split(b)
     return key_a == key_b
 
 
 def _lookup_key(core, a, b):
-    _, key_a = core.partition(a)
-    _, key_b = core.partition(b)
+    _, key_a = core.flatten_split(a)
+    _, key_b = core.flatten_split(b)
     return {key_a: 1}[key_b]
 
 
 def _hash_lazy_key(core):
-    _, key = core.partition([{1, 2}, jnp.ones(1)], hashed=False)
+    _, key = core.flatten_split([{1, 2}, jnp.ones(1)], hashed=False)
     return hash(key)
 
 
 def _rebuild(core, dynamic, statics=None, tree=None):
     tree = [jnp.ones(1), "s", jnp.ones(2), 3] if tree is None else tree
-    _, key = core.partition(tree)
+    _, key = core.flatten_split(tree)
     return core.rebuild(key, dynamic, statics)
 
 
@@ -172,27 +173,27 @@ class Case:
 
 CASES: dict[str, Case] = {
     "hash_raises": Case(
-        lambda core: core.partition([jnp.ones(1), {"cfg": BadHash()}]),
+        lambda core: core.flatten_split([jnp.ones(1), {"cfg": BadHash()}]),
         UnhashableStaticError,
         ("tree[1]['cfg']", "BadHash", "RuntimeError: no hash for you"),
     ),
     "hash_raises_in_namedtuple": Case(
-        lambda core: core.partition({"opt": Config(0.1, BadHash())}),
+        lambda core: core.flatten_split({"opt": Config(0.1, BadHash())}),
         UnhashableStaticError,
         ("tree['opt'].schedule", "BadHash"),
     ),
     "set_leaf": Case(
-        lambda core: core.partition({"a": (jnp.ones(1), {1, 2})}),
+        lambda core: core.flatten_split({"a": (jnp.ones(1), {1, 2})}),
         UnhashableStaticError,
         ("tree['a'][1]", "builtins.set"),
     ),
     "list_subclass_leaf": Case(
-        lambda core: core.partition({"x": [MyList([1])]}),
+        lambda core: core.flatten_split({"x": [MyList([1])]}),
         UnhashableStaticError,
         ("tree['x'][0]", "MyList"),
     ),
     "list_leaf_via_is_leaf": Case(
-        lambda core: core.partition({"a": [1, 2], "b": jnp.ones(1)}, is_leaf=_is_plain_list),
+        lambda core: core.flatten_split({"a": [1, 2], "b": jnp.ones(1)}, is_leaf=_is_plain_list),
         UnhashableStaticError,
         ("tree['a']", "builtins.list"),
     ),
@@ -213,53 +214,57 @@ CASES: dict[str, Case] = {
         ("ambiguous",),
     ),
     "flatten_raises": Case(
-        lambda core: core.partition([1, {"n": FlattenRaises()}]),
+        lambda core: core.flatten_split([1, {"n": FlattenRaises()}]),
         OSError,
         ("flatten exploded", "FlattenRaises", "tree[1]['n']"),
     ),
     "flatten_not_a_pair": Case(
-        lambda core: core.partition([1, {"n": NotAPair()}]),
+        lambda core: core.flatten_split([1, {"n": NotAPair()}]),
         ValueError,
         ("NotAPair", "tree[1]['n']", "(children, aux_data) pair"),
     ),
     "flatten_three_tuple": Case(
-        lambda core: core.partition((ThreeTuple(),)),
+        lambda core: core.flatten_split((ThreeTuple(),)),
         ValueError,
         ("ThreeTuple", "tree[0]", "(children, aux_data) pair"),
     ),
     "flatten_children_not_iterable": Case(
-        lambda core: core.partition({"a": NotIterableChildren()}),
+        lambda core: core.flatten_split({"a": NotIterableChildren()}),
         ValueError,
         ("NotIterableChildren", "tree['a']", "not iterable"),
     ),
     "unsortable_dict_keys": Case(
-        lambda core: core.partition([0, {"a": {1: jnp.ones(1), "b": 3}}]),
+        lambda core: core.flatten_split([0, {"a": {1: jnp.ones(1), "b": 3}}]),
         ValueError,
         ("tree[1]['a']", "sort"),
     ),
     "too_deep": Case(
-        lambda core: core.partition(_nested_lists(100_000)),
+        lambda core: core.flatten_split(_nested_lists(100_000)),
         RecursionError,
         ("recursion limit", "tree[0][0]"),
     ),
     "list_cycle": Case(
-        lambda core: core.partition(_list_cycle()), PyTreeCycleError, ("cycle", "list", "tree[2]")
+        lambda core: core.flatten_split(_list_cycle()),
+        PyTreeCycleError,
+        ("cycle", "list", "tree[2]"),
     ),
     "dict_cycle": Case(
-        lambda core: core.partition(_dict_cycle()),
+        lambda core: core.flatten_split(_dict_cycle()),
         PyTreeCycleError,
         ("cycle", "dict", "tree['self']['inner'][1]"),
     ),
     "dict_cycle_multi_key": Case(
-        lambda core: core.partition(_dict_cycle_multi_key()), PyTreeCycleError, ("cycle", "dict")
+        lambda core: core.flatten_split(_dict_cycle_multi_key()),
+        PyTreeCycleError,
+        ("cycle", "dict"),
     ),
     "is_leaf_raises": Case(
-        lambda core: core.partition({"a": [1, 2]}, is_leaf=_is_leaf_raises),
+        lambda core: core.flatten_split({"a": [1, 2]}, is_leaf=_is_leaf_raises),
         KeyError,
         ("is_leaf saw an int", "is_leaf", "tree['a'][0]"),
     ),
     "predicate_raises": Case(
-        lambda core: core.partition([1, 2], _predicate_raises),
+        lambda core: core.flatten_split([1, 2], _predicate_raises),
         ZeroDivisionError,
         ("predicate failed",),
     ),
@@ -307,10 +312,6 @@ def _raise_case(name: str, core) -> BaseException:
     return info.value
 
 
-def _native_core():
-    return pytest.importorskip("filterjax._native")
-
-
 # --------------------------------------------------------------------------------------------
 # Active backend
 # --------------------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def test_bad_input_raises_a_clear_error(name):
     for fragment in CASES[name].fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     # the core is still usable afterwards
-    dynamic, key = _backend.partition([1, jnp.ones(1)])
+    dynamic, key = _backend.flatten_split([1, jnp.ones(1)])
     assert len(dynamic) == 1 and key.statics == (1,)
 
 
@@ -344,7 +345,7 @@ def test_flatten_error_keeps_the_original_exception_type():
 
 def test_unhashable_statics_are_fine_without_hashing():
     tree = [{1, 2}, jnp.ones(1)]
-    dynamic, key = _backend.partition(tree, hashed=False)
+    dynamic, key = _backend.flatten_split(tree, hashed=False)
     rebuilt = _backend.rebuild(key, dynamic)
     assert rebuilt[0] is tree[0] and rebuilt[1] is tree[1]
     with pytest.raises(TypeError):
@@ -352,7 +353,7 @@ def test_unhashable_statics_are_fine_without_hashing():
 
 
 def test_same_key_object_compares_equal_even_if_eq_raises():
-    _, key = _backend.partition([EqRaises()])
+    _, key = _backend.flatten_split([EqRaises()])
     assert key == key
     assert {key: 1}[key] == 1
 
@@ -363,7 +364,7 @@ def test_deep_but_legal_nesting_works():
     for _ in range(400):
         tree_leaf = tree_leaf[0]
     tree_leaf.append(jnp.ones(1))
-    dynamic, key = _backend.partition(tree)
+    dynamic, key = _backend.flatten_split(tree)
     assert len(dynamic) == 1 and dynamic[0] is tree_leaf[0]
     assert jtu.tree_structure(_backend.rebuild(key, dynamic)) == jtu.tree_structure(tree)
 
@@ -375,14 +376,14 @@ def test_filter_spec_errors_are_value_errors():
 
 def _churn(core, tree, bad_trees, rounds: int) -> None:
     for _ in range(rounds):
-        dynamic, key = core.partition(tree)
+        dynamic, key = core.flatten_split(tree)
         core.rebuild(key, dynamic)
         core.rebuild(key, dynamic, [None] * key.num_static)
-        dynamic, key = core.partition(tree, lambda x: True)
-        assert key == core.partition(tree, lambda x: True)[1]
+        dynamic, key = core.flatten_split(tree, lambda x: True)
+        assert key == core.flatten_split(tree, lambda x: True)[1]
         for bad in bad_trees:
             with pytest.raises(Exception):
-                core.partition(bad())
+                core.flatten_split(bad())
         with pytest.raises(ValueError):
             core.rebuild(key, dynamic[:1])
 
@@ -390,7 +391,7 @@ def _churn(core, tree, bad_trees, rounds: int) -> None:
 @pytest.mark.single_backend
 @pytest.mark.parametrize("core_name", ["python", "native"])
 def test_no_reference_leaks_on_success_or_error_paths(core_name):
-    core = _pycore if core_name == "python" else _native_core()
+    core = _pycore if core_name == "python" else native_core()
     static, array, bad, bad_node = "static-" + "x" * 8, jnp.ones(3), BadHash(), FlattenRaises()
     tree = {"a": [array, static, 1.5], "b": (array, static)}
 
@@ -418,7 +419,7 @@ def test_no_reference_leaks_on_success_or_error_paths(core_name):
 @pytest.mark.single_backend
 @pytest.mark.parametrize("name", IN_PROCESS)
 def test_both_cores_raise_the_same_error(name):
-    native = _native_core()
+    native = native_core()
     py_err = _raise_case(name, _pycore)
     nat_err = _raise_case(name, native)
     assert type(nat_err) is type(py_err)
@@ -469,7 +470,7 @@ def _child_main(names: list[str], core_name: str) -> None:
             print("RAISED", *(kind.__qualname__ for kind in type(err).__mro__), flush=True)
         else:
             print("NO ERROR", flush=True)
-        dynamic, key = core.partition([1, jnp.ones(1)])
+        dynamic, key = core.flatten_split([1, jnp.ones(1)])
         assert len(dynamic) == 1 and key.statics == (1,)
         assert _recurse(500) == 500
         print("HEALTHY", flush=True)
@@ -517,7 +518,7 @@ def _run_child(names: list[str], core_name: str) -> ChildRun:
 
 @pytest.fixture(scope="module")
 def native_child():
-    _native_core()
+    native_core()
     return _run_child(CHILD_ORDER, "native")
 
 
@@ -544,8 +545,8 @@ def test_python_core_survives_a_multi_key_dict_cycle_in_a_child():
 
 
 def test_key_comparison_error_carries_a_note_naming_the_static_leaf():
-    _, first = _backend.partition([1, EqRaises()])
-    _, second = _backend.partition([1, EqRaises()])
+    _, first = _backend.flatten_split([1, EqRaises()])
+    _, second = _backend.flatten_split([1, EqRaises()])
     with pytest.raises(LookupError) as info:
         first == second  # noqa: B015
     assert any("static leaf #1" in note and "EqRaises" in note for note in info.value.__notes__)

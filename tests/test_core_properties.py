@@ -1,4 +1,4 @@
-"""Property tests for the core (`_backend.partition`, `_backend.rebuild`, the StaticKey) and the
+"""Property tests for the core (`_backend.flatten_split`, `_backend.rebuild`, the StaticKey) and the
 filtering API, checked against `jax.tree_util`, the Python twin, the native module and Equinox.
 
 Trees are drawn as *specs* (plain nested tuples `(kind, meta, children)`) and built into real
@@ -10,7 +10,6 @@ be). `FILTERJAX_CORE_PROFILE=thorough` runs many more examples.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import OrderedDict, defaultdict, namedtuple
 from typing import Any
 
@@ -20,405 +19,29 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from helpers import (
+    DC,
+    NT2,
+    SETTINGS,
+    Box,
+    EqxNode,
+    KeyedBox,
+    NT2Twin,
+    Tag,
+    assert_same_tree,
+    build,
+    changed_specs,
+    identity_fn,
+    is_python_number,
+    native_core,
+    specs_with_filter_spec,
+    tree_specs,
+)
+from hypothesis import given
 from hypothesis import strategies as st
 
 import filterjax
 from filterjax import _backend, _pycore
-
-# The autouse `backend` fixture is function scoped on purpose: the backend stays the same for
-# every example of one test, so the health check about function-scoped fixtures does not apply.
-_HEALTH = [
-    HealthCheck.function_scoped_fixture,
-    HealthCheck.too_slow,
-    HealthCheck.data_too_large,
-]
-settings.register_profile(
-    "filterjax-core", max_examples=100, deadline=None, suppress_health_check=_HEALTH
-)
-settings.register_profile(
-    "filterjax-core-thorough", max_examples=1000, deadline=None, suppress_health_check=_HEALTH
-)
-_PROFILE = (
-    "filterjax-core-thorough" if os.environ.get("FILTERJAX_CORE_PROFILE") else "filterjax-core"
-)
-SETTINGS = settings.get_profile(_PROFILE)
-
-
-# --------------------------------------------------------------------------------------------
-# Node types and leaf values the generated trees are made of
-# --------------------------------------------------------------------------------------------
-
-NT2 = namedtuple("NT2", ["a", "b"])
-NT2Twin = namedtuple("NT2Twin", ["a", "b"])  # same fields as NT2, different type
-NT3 = namedtuple("NT3", ["x", "y", "z"])
-_NAMEDTUPLES = {"NT2": NT2, "NT2Twin": NT2Twin, "NT3": NT3}
-
-
-class Box:
-    """Registered with `register_pytree_node`; `aux` is its aux data."""
-
-    def __init__(self, children, aux):
-        self.children = list(children)
-        self.aux = aux
-
-
-jtu.register_pytree_node(Box, lambda b: (tuple(b.children), b.aux), lambda a, c: Box(c, a))
-
-
-class KeyedBox:
-    """Registered with `register_pytree_with_keys`; `aux` is its aux data."""
-
-    def __init__(self, children, aux):
-        self.children = list(children)
-        self.aux = aux
-
-
-def _keyed_flatten(box):
-    keyed = tuple((jtu.GetAttrKey(f"c{i}"), c) for i, c in enumerate(box.children))
-    return keyed, box.aux
-
-
-jtu.register_pytree_with_keys(KeyedBox, _keyed_flatten, lambda a, c: KeyedBox(c, a))
-
-
-@dataclasses.dataclass
-class DC:
-    a: Any
-    b: Any
-    meta: Any
-
-
-jtu.register_dataclass(DC, data_fields=["a", "b"], meta_fields=["meta"])
-
-
-class EqxNode(eqx.Module):
-    w: Any
-    b: Any
-    tag: str = eqx.field(static=True)
-
-
-class Tag:
-    """A hashable non-array leaf; equal tags are distinct objects."""
-
-    __slots__ = ("v",)
-
-    def __init__(self, v):
-        self.v = v
-
-    def __eq__(self, other):
-        return type(other) is Tag and other.v == self.v
-
-    def __hash__(self):
-        return hash(("Tag", self.v))
-
-    def __repr__(self):
-        return f"Tag({self.v})"
-
-
-def _identity(x):
-    return x
-
-
-_plus_one = lambda x: x + 1
-_FUNCTIONS = (_identity, _plus_one, jnp.sum, len, jax.nn.relu)
-
-_JAX_DTYPES = ("float32", "int32", "bool", "complex64", "bfloat16", "float16", "uint8")
-_NP_DTYPES = ("float64", "int64", "bool", "complex128", "float32", "<U3")
-_NP_SCALARS = {
-    "float32": np.float32,
-    "float64": np.float64,
-    "int8": np.int8,
-    "uint16": np.uint16,
-    "bool": np.bool_,
-    "complex64": np.complex64,
-}
-_SHAPES = ((), (0,), (3,), (2, 3))
-
-
-def _numbers(shape, variant):
-    # The variant changes both values and shape: keys must not depend on either.
-    if variant:
-        shape = tuple(shape) + (variant + 1,)
-    size = int(np.prod(shape, dtype=np.int64))
-    return (np.arange(size) + variant).reshape(shape)
-
-
-def _jax_leaf(meta, variant):
-    dtype, shape = meta
-    return jnp.asarray(_numbers(shape, variant), dtype=dtype)
-
-
-def _np_leaf(meta, variant):
-    dtype, shape = meta
-    return _numbers(shape, variant).astype(dtype)
-
-
-def _fresh_str(s: str) -> str:
-    # A new str object equal to `s` (for length >= 2; shorter ones are cached by CPython).
-    return "".join(list(s))
-
-
-# Each builder returns a new object equal to the one built from the same spec.
-_LEAF_BUILDERS = {
-    "jax": _jax_leaf,
-    "np": _np_leaf,
-    "npscalar": lambda m, v: _NP_SCALARS[m](v + 1),
-    "int": lambda m, v: int(str(m)),
-    "float": lambda m, v: float(repr(m)),
-    "bool": lambda m, v: bool(m),
-    "complex": lambda m, v: complex(m[0], m[1]),
-    "str": lambda m, v: _fresh_str(m),
-    "fn": lambda m, v: _FUNCTIONS[m],
-    "tag": lambda m, v: Tag(m),
-}
-_DYNAMIC_KINDS = frozenset({"jax", "np", "npscalar"})
-
-
-def _make_node(kind, meta, children):
-    if kind == "none":
-        return None
-    if kind == "tuple":
-        return tuple(children)
-    if kind == "list":
-        return list(children)
-    if kind == "dict":
-        return dict(zip(meta, children, strict=True))
-    if kind == "odict":
-        return OrderedDict(zip(meta, children, strict=True))
-    if kind == "ddict":
-        return defaultdict(list, zip(meta, children, strict=True))
-    if kind == "nt":
-        return _NAMEDTUPLES[meta](*children)
-    if kind == "box":
-        return Box(children, int(str(meta)))
-    if kind == "keyed":
-        return KeyedBox(children, int(str(meta)))
-    if kind == "dc":
-        return DC(children[0], children[1], int(str(meta)))
-    if kind == "eqx":
-        return EqxNode(children[0], children[1], tag=_fresh_str(meta))
-    raise AssertionError(kind)
-
-
-def build(spec, variant: int = 0):
-    """The PyTree described by `spec`. Different variants differ only in their arrays."""
-    kind, meta, kids = spec
-    builder = _LEAF_BUILDERS.get(kind)
-    if builder is not None:
-        return builder(meta, variant)
-    return _make_node(kind, meta, [build(k, variant) for k in kids])
-
-
-# --------------------------------------------------------------------------------------------
-# Strategies
-# --------------------------------------------------------------------------------------------
-
-_finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
-
-leaf_specs = st.one_of(
-    st.tuples(st.sampled_from(_JAX_DTYPES), st.sampled_from(_SHAPES)).map(lambda m: ("jax", m, ())),
-    st.tuples(st.sampled_from(_NP_DTYPES), st.sampled_from(_SHAPES)).map(lambda m: ("np", m, ())),
-    st.sampled_from(sorted(_NP_SCALARS)).map(lambda m: ("npscalar", m, ())),
-    st.one_of(st.integers(-3, 300), st.integers(-(2**70), 2**70)).map(lambda m: ("int", m, ())),
-    _finite.map(lambda m: ("float", m, ())),
-    st.booleans().map(lambda m: ("bool", m, ())),
-    st.tuples(_finite, _finite).map(lambda m: ("complex", m, ())),
-    st.text(max_size=4).map(lambda m: ("str", m, ())),
-    st.integers(0, len(_FUNCTIONS) - 1).map(lambda m: ("fn", m, ())),
-    st.integers(0, 9).map(lambda m: ("tag", m, ())),
-    st.just(("none", None, ())),
-)
-
-_STR_KEYS = st.text(alphabet="abcxyz_", min_size=1, max_size=3)
-_INT_KEYS = st.integers(-3, 40)
-
-
-def _node_specs(children):
-    kids = st.lists(children, max_size=4).map(tuple)
-
-    def mapping(kind):
-        # str keys or int keys, never mixed (mixed keys cannot be sorted). Keys and children
-        # are drawn apart: `unique_by` on (key, child) pairs would repr the child strategy.
-        keys = st.one_of(
-            st.lists(_STR_KEYS, max_size=4, unique=True),
-            st.lists(_INT_KEYS, max_size=4, unique=True),
-        )
-        return st.tuples(keys, kids).map(
-            lambda t: (kind, tuple(t[0][: len(t[1])]), t[1][: len(t[0])])
-        )
-
-    pair = st.tuples(children, children)
-    return st.one_of(
-        kids.map(lambda c: ("tuple", None, c)),
-        kids.map(lambda c: ("list", None, c)),
-        mapping("dict"),
-        mapping("odict"),
-        mapping("ddict"),
-        st.tuples(st.sampled_from(("NT2", "NT2Twin")), pair).map(lambda t: ("nt", t[0], t[1])),
-        st.tuples(children, children, children).map(lambda c: ("nt", "NT3", c)),
-        st.tuples(st.integers(0, 5), kids).map(lambda t: ("box", t[0], t[1])),
-        st.tuples(st.integers(0, 5), kids).map(lambda t: ("keyed", t[0], t[1])),
-        st.tuples(st.integers(0, 5), pair).map(lambda t: ("dc", t[0], t[1])),
-        st.tuples(st.sampled_from(("relu", "tanh")), pair).map(lambda t: ("eqx", t[0], t[1])),
-    )
-
-
-tree_specs = st.recursive(leaf_specs, _node_specs, max_leaves=16)
-
-
-# --------------------------------------------------------------------------------------------
-# Single-place changes: each gives a tree whose key must differ from the original's
-# --------------------------------------------------------------------------------------------
-
-
-def _new_key(keys):
-    if keys and isinstance(keys[0], int):
-        return max(keys) + 1
-    return "new_key"  # longer than any drawn str key
-
-
-def _alternatives(spec):
-    """Specs that differ from `spec` in this one place (and so must give a different key)."""
-    kind, meta, kids = spec
-    scalar = lambda k, m: (k, m, ())
-    if kind in _DYNAMIC_KINDS:
-        return [scalar("int", 0), scalar("str", "dynamic->static")]
-    if kind == "int":
-        out = [scalar("int", meta + 1), scalar("float", float(meta)), scalar("jax", ("int32", ()))]
-        if meta in (0, 1):
-            out.append(scalar("bool", bool(meta)))
-        return out
-    if kind == "float":
-        return [scalar("float", meta + 1.0), scalar("int", int(meta)), scalar("complex", (meta, 0))]
-    if kind == "bool":
-        return [scalar("bool", not meta), scalar("int", int(meta)), scalar("float", float(meta))]
-    if kind == "complex":
-        return [scalar("complex", (meta[0] + 1.0, meta[1])), scalar("float", meta[0])]
-    if kind == "str":
-        return [scalar("str", meta + "_"), scalar("np", ("<U3", ()))]
-    if kind == "fn":
-        return [scalar("fn", (meta + 1) % len(_FUNCTIONS))]
-    if kind == "tag":
-        return [scalar("tag", meta + 1), scalar("int", meta)]
-    if kind == "none":
-        return [("tuple", None, ()), scalar("int", 0)]
-    if kind == "tuple":
-        return [("list", None, kids)]
-    if kind == "list":
-        return [("tuple", None, kids)]
-    if kind in ("dict", "odict", "ddict"):
-        out = [(other, meta, kids) for other in ("dict", "odict", "ddict") if other != kind]
-        if meta:
-            out.append((kind, (_new_key(meta),) + meta[1:], kids))
-        if kind == "odict" and len(meta) >= 2:
-            out.append((kind, meta[::-1], kids[::-1]))
-        return out
-    if kind == "nt":
-        if meta == "NT3":
-            return [("tuple", None, kids)]
-        return [("nt", "NT2Twin" if meta == "NT2" else "NT2", kids), ("tuple", None, kids)]
-    if kind == "box":
-        return [("box", meta + 1, kids), ("keyed", meta, kids)]
-    if kind == "keyed":
-        return [("keyed", meta + 1, kids)]
-    if kind == "dc":
-        return [("dc", meta + 1, kids)]
-    if kind == "eqx":
-        return [("eqx", meta + "2", kids)]
-    raise AssertionError(kind)
-
-
-def _positions(spec, path=()):
-    yield path, spec
-    for i, kid in enumerate(spec[2]):
-        yield from _positions(kid, path + (i,))
-
-
-def _replace_at(spec, path, new):
-    if not path:
-        return new
-    kind, meta, kids = spec
-    i = path[0]
-    return (kind, meta, kids[:i] + (_replace_at(kids[i], path[1:], new),) + kids[i + 1 :])
-
-
-@st.composite
-def changed_specs(draw):
-    """(spec, the same spec changed in exactly one place)."""
-    spec = draw(tree_specs)
-    changes = [
-        (path, alt) for path, sub in _positions(spec) for alt in _alternatives(sub) if alt != sub
-    ]
-    # Draw an index: `sampled_from(changes)` would repr every spec in the list.
-    path, alt = changes[draw(st.integers(0, len(changes) - 1))]
-    return spec, _replace_at(spec, path, alt)
-
-
-# --------------------------------------------------------------------------------------------
-# Filter specs: prefix trees of bools and callables
-# --------------------------------------------------------------------------------------------
-
-
-def _is_python_number(x):
-    return isinstance(x, (bool, int, float, complex))
-
-
-def _is_str(x):
-    return isinstance(x, str)
-
-
-def _is_jax_array(x):
-    return isinstance(x, jax.Array)
-
-
-_SPEC_LEAVES = (
-    True,
-    False,
-    filterjax.is_array,
-    filterjax.is_inexact_array,
-    _is_python_number,
-    _is_str,
-    _is_jax_array,
-)
-
-
-@st.composite
-def filter_specs_for(draw, spec):
-    kind, meta, kids = spec
-    if kind in _LEAF_BUILDERS or draw(st.booleans()):
-        return draw(st.sampled_from(_SPEC_LEAVES))
-    return _make_node(kind, meta, [draw(filter_specs_for(k)) for k in kids])
-
-
-@st.composite
-def specs_with_filter_spec(draw):
-    spec = draw(tree_specs)
-    return spec, draw(filter_specs_for(spec))
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _is_none(x):
-    return x is None
-
-
-def assert_same_tree(actual, expected, is_leaf=None):
-    """Same structure (None counted as a leaf) and the very same leaf objects."""
-    leaf_test = _is_none if is_leaf is None else (lambda x: x is None or is_leaf(x))
-    actual_leaves, actual_def = jtu.tree_flatten(actual, is_leaf=leaf_test)
-    expected_leaves, expected_def = jtu.tree_flatten(expected, is_leaf=leaf_test)
-    assert actual_def == expected_def
-    assert len(actual_leaves) == len(expected_leaves)
-    for i, (a, e) in enumerate(zip(actual_leaves, expected_leaves, strict=True)):
-        assert a is e, f"leaf {i}: {a!r} is not {e!r}"
-
-
-def _native_core():
-    return pytest.importorskip("filterjax._native")
 
 
 @pytest.fixture(params=["python", "native"])
@@ -426,7 +49,7 @@ def core(request):
     """A core module named explicitly (not through `_backend`)."""
     if request.param == "python":
         return _pycore
-    return _native_core()
+    return native_core()
 
 
 def _always(_):
@@ -443,7 +66,7 @@ def _always(_):
 def test_all_dynamic_leaves_are_the_jax_leaves(spec):
     tree = build(spec)
     expected = jtu.tree_leaves(tree)
-    dynamic, key = _backend.partition(tree, _always)
+    dynamic, key = _backend.flatten_split(tree, _always)
     assert len(dynamic) == len(expected)
     assert all(d is e for d, e in zip(dynamic, expected, strict=True))
     assert key.num_leaves == key.num_dynamic == len(expected)
@@ -457,7 +80,7 @@ def test_all_dynamic_leaves_are_the_jax_leaves(spec):
 def test_explicit_cores_flatten_like_jax(core, spec):
     tree = build(spec)
     expected = jtu.tree_leaves(tree)
-    dynamic, key = core.partition(tree, _always)
+    dynamic, key = core.flatten_split(tree, _always)
     assert [id(x) for x in dynamic] == [id(x) for x in expected]
     assert key.mask == (True,) * len(expected)
     assert_same_tree(core.rebuild(key, dynamic), tree)
@@ -465,14 +88,14 @@ def test_explicit_cores_flatten_like_jax(core, spec):
 
 @pytest.mark.single_backend
 @SETTINGS
-@given(tree_specs, st.sampled_from([None, filterjax.is_array, _is_python_number, _always]))
+@given(tree_specs, st.sampled_from([None, filterjax.is_array, is_python_number, _always]))
 def test_native_agrees_with_python_and_jax(spec, predicate):
-    native = _native_core()
+    native = native_core()
     tree = build(spec)
     leaves = jtu.tree_leaves(tree)
     # Arrays may be static here, and arrays are not hashable: do not hash the keys.
-    py_dyn, py_key = _pycore.partition(tree, predicate, hashed=False)
-    nat_dyn, nat_key = native.partition(tree, predicate, hashed=False)
+    py_dyn, py_key = _pycore.flatten_split(tree, predicate, hashed=False)
+    nat_dyn, nat_key = native.flatten_split(tree, predicate, hashed=False)
     test = filterjax.is_array if predicate is None else predicate
     assert py_key.mask == nat_key.mask == tuple(bool(test(x)) for x in leaves)
     assert [id(x) for x in nat_dyn] == [id(x) for x in py_dyn]
@@ -502,7 +125,7 @@ def test_native_agrees_with_python_and_jax(spec, predicate):
 def test_array_partition_round_trips(spec):
     tree = build(spec)
     leaves = jtu.tree_leaves(tree)
-    dynamic, key = _backend.partition(tree)
+    dynamic, key = _backend.flatten_split(tree)
     assert key.mask == tuple(filterjax.is_array(x) for x in leaves)
     pairs = list(zip(leaves, key.mask, strict=True))
     assert [id(x) for x in dynamic] == [id(x) for x, m in pairs if m]
@@ -514,7 +137,7 @@ def test_array_partition_round_trips(spec):
     assert_same_tree(rebuilt, tree)
 
     # The explicit predicate takes the slow path and must agree with the fast one.
-    dynamic2, key2 = _backend.partition(tree, filterjax.is_array)
+    dynamic2, key2 = _backend.flatten_split(tree, filterjax.is_array)
     assert key2.mask == key.mask and key2 == key
     assert [id(x) for x in dynamic2] == [id(x) for x in dynamic]
 
@@ -523,7 +146,7 @@ def test_array_partition_round_trips(spec):
 @given(tree_specs)
 def test_rebuild_with_none_gives_the_filtered_halves(spec):
     tree = build(spec)
-    dynamic, key = _backend.partition(tree)
+    dynamic, key = _backend.flatten_split(tree)
     arrays_only = _backend.rebuild(key, dynamic, [None] * key.num_static)
     statics_only = _backend.rebuild(key, [None] * key.num_dynamic)
     assert_same_tree(arrays_only, filterjax.filter(tree, filterjax.is_array))
@@ -536,8 +159,8 @@ def test_rebuild_with_none_gives_the_filtered_halves(spec):
 @given(tree_specs)
 def test_hashed_false_gives_the_same_result(spec):
     tree = build(spec)
-    dynamic, key = _backend.partition(tree)
-    dynamic_lazy, key_lazy = _backend.partition(tree, hashed=False)
+    dynamic, key = _backend.flatten_split(tree)
+    dynamic_lazy, key_lazy = _backend.flatten_split(tree, hashed=False)
     assert [id(x) for x in dynamic_lazy] == [id(x) for x in dynamic]
     assert key_lazy == key and hash(key_lazy) == hash(key)
 
@@ -551,8 +174,8 @@ def test_hashed_false_gives_the_same_result(spec):
 @given(tree_specs)
 def test_equal_structure_and_statics_give_equal_keys(spec):
     first, second = build(spec, variant=0), build(spec, variant=1)
-    _, key1 = _backend.partition(first)
-    _, key2 = _backend.partition(second)
+    _, key1 = _backend.flatten_split(first)
+    _, key2 = _backend.flatten_split(second)
     assert key1 == key2 and not (key1 != key2)
     assert hash(key1) == hash(key2)
     assert {key1: "hit"}[key2] == "hit"
@@ -563,8 +186,8 @@ def test_equal_structure_and_statics_give_equal_keys(spec):
 @given(changed_specs())
 def test_any_single_difference_gives_unequal_keys(specs):
     spec, changed = specs
-    _, key = _backend.partition(build(spec))
-    _, other = _backend.partition(build(changed))
+    _, key = _backend.flatten_split(build(spec))
+    _, other = _backend.flatten_split(build(changed))
     assert key != other and not (key == other)
     assert other not in {key: None}
 
@@ -573,11 +196,11 @@ def test_any_single_difference_gives_unequal_keys(specs):
 @SETTINGS
 @given(changed_specs(), st.booleans())
 def test_native_and_python_keys_agree_on_equality(specs, change):
-    native = _native_core()
+    native = native_core()
     spec, changed = specs
     a, b = build(spec, 0), build(changed if change else spec, 1)
-    py_equal = _pycore.partition(a)[1] == _pycore.partition(b)[1]
-    nat_a, nat_b = native.partition(a)[1], native.partition(b)[1]
+    py_equal = _pycore.flatten_split(a)[1] == _pycore.flatten_split(b)[1]
+    nat_a, nat_b = native.flatten_split(a)[1], native.flatten_split(b)[1]
     assert (nat_a == nat_b) == py_equal == (not change)
     if py_equal:
         assert hash(nat_a) == hash(nat_b)
@@ -613,8 +236,8 @@ def test_native_and_python_keys_agree_on_equality(specs, change):
     ],
 )
 def test_listed_differences_give_unequal_keys(left, right):
-    _, key1 = _backend.partition(left)
-    _, key2 = _backend.partition(right)
+    _, key1 = _backend.flatten_split(left)
+    _, key2 = _backend.flatten_split(right)
     assert key1 != key2
 
 
@@ -622,8 +245,8 @@ def test_statics_compare_by_value_not_identity():
     first = {"act": "".join(["re", "lu"]), "n": 10**30, "t": Tag(3), "w": jnp.ones(3)}
     second = {"act": "".join(["r", "elu"]), "n": 10**30 + 0, "t": Tag(3), "w": jnp.zeros((5, 2))}
     assert first["act"] is not second["act"] and first["t"] is not second["t"]
-    _, key1 = _backend.partition(first)
-    _, key2 = _backend.partition(second)
+    _, key1 = _backend.flatten_split(first)
+    _, key2 = _backend.flatten_split(second)
     assert key1 == key2 and hash(key1) == hash(key2)
 
 
@@ -671,9 +294,9 @@ def _is_box(x):
 def test_is_leaf_is_honoured(spec, predicate):
     tree = build(spec)
     expected = jtu.tree_leaves(tree, is_leaf=_is_box)
-    dynamic, key = _backend.partition(tree, _always, is_leaf=_is_box)
+    dynamic, key = _backend.flatten_split(tree, _always, is_leaf=_is_box)
     assert [id(x) for x in dynamic] == [id(x) for x in expected]
-    dynamic, key = _backend.partition(tree, predicate, is_leaf=_is_box, hashed=False)
+    dynamic, key = _backend.flatten_split(tree, predicate, is_leaf=_is_box, hashed=False)
     assert key.mask == tuple(bool(predicate(x)) for x in expected)
     assert_same_tree(_backend.rebuild(key, dynamic), tree)
 
@@ -776,7 +399,7 @@ def _predicate_values():
         [1.0],
         (),
         {},
-        _identity,
+        identity_fn,
         jax.ShapeDtypeStruct((2,), jnp.float32),
         _HasJaxArray(jnp.ones(2)),
         _HasJaxArray(jnp.arange(2)),
@@ -867,7 +490,7 @@ def test_core_partition_sees_tracers_as_dynamic():
 
     def f(w):
         tree = {"w": w, "n": 3, "act": "relu"}
-        dynamic, key = _backend.partition(tree)
+        dynamic, key = _backend.flatten_split(tree)
         results.append((len(dynamic), dynamic[0] is w, key.statics))
         return _backend.rebuild(key, dynamic)["w"] * 2
 
@@ -890,14 +513,14 @@ def test_type_registered_after_first_partition_is_honoured():
 
     a, b = jnp.ones(2), "static"
     tree = [Late(a, b), jnp.zeros(1)]
-    dynamic, key = _backend.partition(tree, _always)
+    dynamic, key = _backend.flatten_split(tree, _always)
     assert [id(x) for x in dynamic] == [id(tree[0]), id(tree[1])]
     assert key.num_leaves == 2
 
     jtu.register_pytree_node(Late, lambda n: ((n.a, n.b), None), lambda _, c: Late(*c))
-    dynamic, key = _backend.partition(tree, _always)
+    dynamic, key = _backend.flatten_split(tree, _always)
     assert [id(x) for x in dynamic] == [id(a), id(b), id(tree[1])]
-    dynamic, key = _backend.partition(tree)
+    dynamic, key = _backend.flatten_split(tree)
     assert [id(x) for x in dynamic] == [id(a), id(tree[1])]
     assert key.statics == ("static",)
     rebuilt = _backend.rebuild(key, dynamic)
@@ -924,17 +547,17 @@ def test_late_registration_seen_by_both_cores(core):
 
     LateNT = namedtuple("LateNT", ["p", "q"])
     tree = [LateDC(jnp.ones(1), 3), LateNT(1, jnp.ones(2))]
-    _, key_before = core.partition(tree)
+    _, key_before = core.flatten_split(tree)
     assert key_before.num_leaves == 3 and key_before.statics == (tree[0], 1)
     jtu.register_dataclass(LateDC, data_fields=["x"], meta_fields=["m"])
-    dynamic, key = core.partition(tree)
+    dynamic, key = core.flatten_split(tree)
     assert key.num_leaves == 3 and key.statics == (1,)
     assert [id(x) for x in dynamic] == [id(tree[0].x), id(tree[1].q)]
-    assert key != core.partition([LateDC(jnp.ones(1), 4), LateNT(1, jnp.ones(2))])[1]
+    assert key != core.flatten_split([LateDC(jnp.ones(1), 4), LateNT(1, jnp.ones(2))])[1]
     # register_static: the object is structure (part of the key), not a leaf
-    _, key_a = core.partition([LateStatic(1), jnp.ones(1)])
-    _, key_b = core.partition([LateStatic(1), jnp.ones(1)])
-    _, key_c = core.partition([LateStatic(2), jnp.ones(1)])
+    _, key_a = core.flatten_split([LateStatic(1), jnp.ones(1)])
+    _, key_b = core.flatten_split([LateStatic(1), jnp.ones(1)])
+    _, key_c = core.flatten_split([LateStatic(2), jnp.ones(1)])
     assert key_a.num_leaves == 1 and key_a == key_b and key_a != key_c
 
 
@@ -944,16 +567,16 @@ def test_cores_are_safe_to_call_from_threads(core):
 
     tree = {"w": [jnp.ones(2), jnp.zeros(3)], "cfg": ("relu", 3, Tag(1)), "box": Box([1.0], 2)}
     expected_leaves = jtu.tree_leaves(tree)
-    _, expected_key = core.partition(tree)
+    _, expected_key = core.flatten_split(tree)
     failures = []
 
     def work():
         try:
             for _ in range(300):
-                dynamic, key = core.partition(tree)
+                dynamic, key = core.flatten_split(tree)
                 assert key == expected_key and hash(key) == hash(expected_key)
                 assert_same_tree(core.rebuild(key, dynamic), tree)
-                dynamic, _ = core.partition(tree, _always)
+                dynamic, _ = core.flatten_split(tree, _always)
                 assert [id(x) for x in dynamic] == [id(x) for x in expected_leaves]
         except BaseException as err:  # collected and re-raised in the main thread
             failures.append(err)

@@ -50,16 +50,6 @@ def test_docstring_examples_run(module_name):
         assert runner.tries > 0, "the filtering helpers' examples were not found"
 
 
-def _lookup(name: str):
-    try:
-        return getattr(filterjax, name)
-    except ModuleNotFoundError as err:
-        # A lazily imported transform whose module is not written yet.
-        if err.name and err.name.startswith("filterjax."):
-            pytest.skip(f"{name}: module {err.name} does not exist yet")
-        raise
-
-
 def _needs_example(obj) -> bool:
     if inspect.isclass(obj):
         # Exceptions are documented by what they mean; decorator classes
@@ -71,7 +61,7 @@ def _needs_example(obj) -> bool:
 @pytest.mark.single_backend
 @pytest.mark.parametrize("name", _public_names())
 def test_public_name_has_docstring_and_example(name):
-    obj = _lookup(name)
+    obj = getattr(filterjax, name)
     # `__doc__`, not `inspect.getdoc`: the latter falls back to a base class's docstring.
     doc = inspect.cleandoc(obj.__doc__ or "")
     assert doc.strip(), f"filterjax.{name} has no docstring of its own"

@@ -1,4 +1,4 @@
-"""Equinox run-time errors (`eqx.error_if`) through filterjax's transforms (issue 11, gap 4).
+"""Equinox run-time errors (`eqx.error_if`) through filterjax's transforms.
 
 Under `equinox.filter_jit` a failed check reaches the caller as
 `equinox.EquinoxRuntimeError` carrying the check's message; filterjax's compiled

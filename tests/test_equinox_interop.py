@@ -23,14 +23,6 @@ import filterjax as fj
 from filterjax import _backend, _equinox_patch
 
 
-def _transform(name: str):
-    """filterjax's `name`, or skip the test while its module is not written yet."""
-    try:
-        return getattr(fj, name)
-    except (AttributeError, ImportError):
-        pytest.skip(f"filterjax.{name} is not available yet")
-
-
 def _allclose(a, b, **kwargs) -> bool:
     leaves_a, tree_a = jtu.tree_flatten(a)
     leaves_b, tree_b = jtu.tree_flatten(b)
@@ -127,8 +119,8 @@ def test_jit_decorating_a_module_method():
 
 
 def test_grad_of_module_matches_equinox():
-    filter_grad = _transform("filter_grad")
-    filter_value_and_grad = _transform("filter_value_and_grad")
+    filter_grad = fj.filter_grad
+    filter_value_and_grad = fj.filter_value_and_grad
     model = _affine(2)
     x = jnp.arange(3.0)
 
@@ -180,7 +172,7 @@ def test_nn_sequential_with_dropout_key_and_inference_flag():
 
 @pytest.mark.filterwarnings("ignore:When `eqx.nn.BatchNorm")
 def test_stateful_batchnorm_in_jit_of_vmap_matches_equinox():
-    filter_vmap = _transform("filter_vmap")
+    filter_vmap = fj.filter_vmap
     model, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, axis_name="batch")
 
     def step(transforms):
@@ -307,7 +299,7 @@ def test_register_dataclass_fields_and_statics():
 
 
 def test_register_dataclass_meta_fields_and_grad():
-    filter_grad = _transform("filter_grad")
+    filter_grad = fj.filter_grad
     traces = _Counter()
 
     @fj.filter_jit
@@ -325,7 +317,7 @@ def test_register_dataclass_meta_fields_and_grad():
 
 
 def test_register_dataclass_under_vmap():
-    filter_vmap = _transform("filter_vmap")
+    filter_vmap = fj.filter_vmap
     p = Params(jnp.arange(4.0), jnp.ones(4), name="batched")
     out = filter_vmap(lambda p, x: (p.w * x + p.b, p.name), in_axes=(0, None))(p, 2.0)
     assert np.allclose(out[0], jnp.arange(4.0) * 2 + 1) and out[1] == "batched"
@@ -389,16 +381,11 @@ def test_patch_replaces_names_and_unpatch_restores_them_exactly():
 
 
 @pytest.mark.single_backend
-def test_patch_every_available_transform():
-    available = []
-    for name in _equinox_patch.PATCHABLE_NAMES:
-        try:
-            getattr(fj, name)
-        except (AttributeError, ImportError):
-            continue
-        available.append(name)
+def test_patch_every_transform():
+    names = _equinox_patch.PATCHABLE_NAMES
+    assert all(callable(getattr(fj, name)) for name in names)
     with fj.patch_equinox() as patch:
-        assert sorted(patch.names) == sorted(n for n in available if n in vars(eqx))
+        assert sorted(patch.names) == sorted(n for n in names if n in vars(eqx))
 
 
 @pytest.mark.single_backend

@@ -17,9 +17,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from test_core_properties import (
+from helpers import (
     SETTINGS,
     Box,
     KeyedBox,
@@ -31,6 +29,8 @@ from test_core_properties import (
     specs_with_filter_spec,
     tree_specs,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 import filterjax
 from filterjax import _backend, _pycore

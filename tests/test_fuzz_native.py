@@ -1,6 +1,6 @@
 """Fuzz the native core's entry points against the Python twin.
 
-`filterjax._native.partition`, `rebuild`, `is_array` and `StaticKey`'s hash and equality
+`filterjax._native.flatten_split`, `rebuild`, `is_array` and `StaticKey`'s hash and equality
 get adversarial inputs: nested containers and custom PyTree nodes (some registered with
 flatten functions that return garbage or raise), leaves whose `__hash__`/`__eq__`/`__len__`/
 `__iter__`/`__bool__`/`__repr__` raise or return garbage, huge ints, NaNs, bytes, trees that
@@ -633,7 +633,7 @@ def _partition_both(spec, predicate, is_leaf, hashed):
         holder: dict = {}
 
         def run(core=core, tree=tree, holder=holder):
-            holder["result"] = core.partition(tree, predicate, is_leaf, hashed)
+            holder["result"] = core.flatten_split(tree, predicate, is_leaf, hashed)
             return holder["result"]
 
         free = _free_recursion_depth()
@@ -785,7 +785,7 @@ def campaign_rebuild_arguments(examples: int) -> None:
         keys = {}
         partitions = {}
         for core in (native_core, python_core):
-            dynamic, key = core.partition(build(spec))
+            dynamic, key = core.flatten_split(build(spec))
             partitions[core.BACKEND] = (dynamic, key)
             keys[core.BACKEND] = key
         for core in (native_core, python_core):
@@ -840,8 +840,8 @@ def campaign_arguments_and_is_array(examples: int) -> None:
         )
         args = [build(spec), predicate, is_leaf, _flag(hashed), None, None][:nargs]
         assert_agree(
-            outcome(lambda: native_core.partition(*args), lambda r: describe_key(r[1])),
-            outcome(lambda: python_core.partition(*args), lambda r: describe_key(r[1])),
+            outcome(lambda: native_core.flatten_split(*args), lambda r: describe_key(r[1])),
+            outcome(lambda: python_core.flatten_split(*args), lambda r: describe_key(r[1])),
             f"partition with {nargs} args",
             any_error=hashed == "garbage" and nargs >= 4,
         )
@@ -853,10 +853,10 @@ def campaign_arguments_and_is_array(examples: int) -> None:
         ):
             assert_agree(
                 outcome(
-                    lambda kw=kwargs: native_core.partition(**kw), lambda r: describe_key(r[1])
+                    lambda kw=kwargs: native_core.flatten_split(**kw), lambda r: describe_key(r[1])
                 ),
                 outcome(
-                    lambda kw=kwargs: python_core.partition(**kw), lambda r: describe_key(r[1])
+                    lambda kw=kwargs: python_core.flatten_split(**kw), lambda r: describe_key(r[1])
                 ),
                 f"partition(**{sorted(kwargs)})",
                 any_error=hashed == "garbage" and "hashed" in kwargs,
@@ -957,7 +957,7 @@ def campaign_deep_and_cyclic(examples: int) -> None:
         label = f"{kind} nested {depth} deep, cyclic={cyclic}, is_leaf={is_leaf_name}"
         free = _free_recursion_depth()
         native = outcome(
-            lambda: native_core.partition(_nested(kind, depth, cyclic), predicate, is_leaf),
+            lambda: native_core.flatten_split(_nested(kind, depth, cyclic), predicate, is_leaf),
             lambda r: describe_key(r[1])[:3],
         )
         _check_recursion_depth(free, "native partition", label)
@@ -973,7 +973,7 @@ def campaign_deep_and_cyclic(examples: int) -> None:
             assert native.ok or native.value in (PyTreeCycleError, RecursionError), native
             return
         python = outcome(
-            lambda: python_core.partition(_nested(kind, depth, cyclic), predicate, is_leaf),
+            lambda: python_core.flatten_split(_nested(kind, depth, cyclic), predicate, is_leaf),
             lambda r: describe_key(r[1])[:3],
         )
         _check_recursion_depth(free, "python partition", label)

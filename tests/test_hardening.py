@@ -24,13 +24,6 @@ class _Counter:
         self.n += 1
 
 
-def _transform(name: str):
-    try:
-        return getattr(fj, name)
-    except (AttributeError, ImportError):
-        pytest.skip(f"filterjax.{name} is not available yet")
-
-
 # ---------------------------------------------------------------------------------------
 # An exception while tracing leaves no half-built cache entry
 
@@ -133,8 +126,8 @@ def test_call_that_does_not_bind_then_good_calls():
 
 
 def test_error_inside_filter_vmap_and_filter_grad_then_good_calls():
-    filter_vmap = _transform("filter_vmap")
-    filter_grad = _transform("filter_grad")
+    filter_vmap = fj.filter_vmap
+    filter_grad = fj.filter_grad
 
     def g(x, fail):
         if fail:

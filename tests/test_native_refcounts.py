@@ -12,8 +12,9 @@ import sys
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from helpers import native_core
 
-_native = pytest.importorskip("filterjax._native")
+_native = native_core(module_level=True)
 
 pytestmark = pytest.mark.single_backend
 
@@ -108,15 +109,15 @@ def test_partition_success():
     predicate = lambda x: isinstance(x, np.ndarray)  # noqa: E731
     is_leaf = lambda x: x is None  # noqa: E731
     objects = [tree, tree["x"], tree["y"], *arrays, *statics, predicate, is_leaf]
-    assert_refcounts_stable(lambda: _native.partition(tree), objects)
-    assert_refcounts_stable(lambda: _native.partition(tree, predicate, is_leaf), objects)
-    assert_refcounts_stable(lambda: _native.partition(tree, hashed=False), objects)
+    assert_refcounts_stable(lambda: _native.flatten_split(tree), objects)
+    assert_refcounts_stable(lambda: _native.flatten_split(tree, predicate, is_leaf), objects)
+    assert_refcounts_stable(lambda: _native.flatten_split(tree, hashed=False), objects)
 
 
 def test_outputs_and_key_methods():
     tree, arrays, statics = _tree()
-    dynamic, key = _native.partition(tree)
-    other = _native.partition(tree)[1]
+    dynamic, key = _native.flatten_split(tree)
+    other = _native.flatten_split(tree)[1]
     objects = [dynamic, key, other, key.statics, *arrays, *statics]
     assert_refcounts_stable(lambda: (key.statics, key.mask, key.num_leaves), objects)
     assert_refcounts_stable(lambda: hash(key), objects)
@@ -126,7 +127,7 @@ def test_outputs_and_key_methods():
 
 def test_rebuild_success():
     tree, arrays, statics = _tree()
-    dynamic, key = _native.partition(tree)
+    dynamic, key = _native.flatten_split(tree)
     as_tuple = tuple(dynamic)
     nones = [None] * key.num_static
     objects = [dynamic, as_tuple, key, nones, *arrays, *statics]
@@ -139,9 +140,9 @@ def test_unhashable_static():
     leaf = {"a", "set"}
     tree = [np.ones(1), leaf]
     objects = [tree, leaf]
-    assert_refcounts_stable(lambda: _native.partition(tree), objects, expect=TypeError)
+    assert_refcounts_stable(lambda: _native.flatten_split(tree), objects, expect=TypeError)
     # hashed=False: the error comes from the key's first hash instead.
-    key = _native.partition(tree, hashed=False)[1]
+    key = _native.flatten_split(tree, hashed=False)[1]
     assert_refcounts_stable(lambda: hash(key), [key, *objects], expect=TypeError)
 
 
@@ -150,8 +151,10 @@ def test_custom_flatten_raising_and_malformed():
     raising = [leaf, Raising()]
     malformed = [leaf, Malformed()]
     objects = [leaf, raising, raising[1], malformed, malformed[1]]
-    assert_refcounts_stable(lambda: _native.partition(raising), objects, expect=ZeroDivisionError)
-    assert_refcounts_stable(lambda: _native.partition(malformed), objects, expect=ValueError)
+    assert_refcounts_stable(
+        lambda: _native.flatten_split(raising), objects, expect=ZeroDivisionError
+    )
+    assert_refcounts_stable(lambda: _native.flatten_split(malformed), objects, expect=ValueError)
 
 
 def test_is_leaf_and_predicate_raising():
@@ -165,24 +168,24 @@ def test_is_leaf_and_predicate_raising():
 
     objects = [tree, *arrays, *statics, bad_is_leaf, bad_predicate]
     assert_refcounts_stable(
-        lambda: _native.partition(tree, is_leaf=bad_is_leaf), objects, expect=KeyError
+        lambda: _native.flatten_split(tree, is_leaf=bad_is_leaf), objects, expect=KeyError
     )
     assert_refcounts_stable(
-        lambda: _native.partition(tree, bad_predicate), objects, expect=KeyError
+        lambda: _native.flatten_split(tree, bad_predicate), objects, expect=KeyError
     )
 
 
 def test_eq_raising():
     first, second = EqRaises(), EqRaises()
-    k1 = _native.partition([first], hashed=False)[1]
-    k2 = _native.partition([second], hashed=False)[1]
+    k1 = _native.flatten_split([first], hashed=False)[1]
+    k2 = _native.flatten_split([second], hashed=False)[1]
     objects = [first, second, k1, k2]
     assert_refcounts_stable(lambda: k1 == k2, objects, expect=RuntimeError)
 
 
 def test_rebuild_wrong_lengths():
     tree, arrays, statics = _tree()
-    dynamic, key = _native.partition(tree)
+    dynamic, key = _native.flatten_split(tree)
     short = dynamic[:-1]
     objects = [key, dynamic, short, *arrays, *statics]
     assert_refcounts_stable(lambda: _native.rebuild(key, short), objects, expect=ValueError)

@@ -132,10 +132,10 @@ def test_programs_kept_per_static_signature_are_bounded(monkeypatch):
     x = jnp.ones((jax.local_device_count(), 2))
     for k in range(6):
         np.testing.assert_allclose(f(x, k), k * np.ones((jax.local_device_count(), 2)))
-    assert len(f._state[0].pmapped) == 3
+    assert len(f._state[0].table.programs) == 3
 
 
-# Issue 11, gap 2: no mapped axis and no axis_size is a clear error, raised before JAX.
+# No mapped axis and no axis_size is a clear error, raised before JAX.
 @pytest.mark.parametrize(
     ("kwargs", "args"),
     [
@@ -246,3 +246,28 @@ def test_leaf_without_the_mapped_axis_is_a_value_error(
     # The same function still works on arguments that have the axis.
     good = tuple(jax.tree.map(lambda x: jnp.ones((N, N)), a) for a in args)
     assert jax.tree.structure(f(*good)) == jax.tree.structure(good)
+
+
+def test_output_layout_is_planned_before_the_pmap_is_built():
+    """Out axes beyond any default are planned by one abstract pass, then the pmap is
+    built once: a call with the same shapes traces nothing more, new shapes plan again."""
+    traces = []
+
+    def f(a, tag):
+        traces.append(tag)
+        return {"deep": jnp.ones((1,) * 6) * a.sum(), "rank": a * 2, "tag": tag}
+
+    g = fj.filter_pmap(f, out_axes={"deep": 6, "rank": -1, "tag": None})
+    x = jnp.ones((8, 3))
+    out = g(x, "t")
+    assert out["deep"].shape == (1,) * 6 + (8,)
+    assert out["rank"].shape == (3, 8)
+    assert out["tag"] == "t"
+    first = len(traces)
+    assert first == 2  # the abstract pass, then the pmap's trace
+    g(x + 1, "t")
+    assert len(traces) == first
+    out = g(jnp.ones((8, 2, 5)), "t")  # other ranks: the layout is planned again
+    assert out["rank"].shape == (2, 5, 8)
+    assert len(traces) == first + 2
+    assert len(g._state[0].table.programs) == 2

@@ -48,7 +48,6 @@ def train(lib) -> list[float]:
 
 @pytest.mark.slow
 def test_training_loss_falls_and_matches_equinox_step_for_step():
-    pytest.importorskip("filterjax._jit")
     ours = np.array(train(fj))
     assert ours[0] / ours[-1] >= 100, (ours[0], ours[-1])
     reference = np.array(train(eqx))

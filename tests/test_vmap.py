@@ -105,7 +105,7 @@ def test_axis_name_and_axis_size():
     assert g(2.0).shape == (3, 2)
     with pytest.raises(ValueError, match="axis_size"):
         fj.filter_vmap(lambda s: jnp.ones(2) * s)(2.0)
-    # nothing mapped and no axis_size: refused even when nothing is mapped out (issue 11)
+    # nothing mapped and no axis_size: refused even when nothing is mapped out
     with pytest.raises(ValueError, match="axis_size"):
         fj.filter_vmap(lambda s: s + 1)(2)
 
@@ -155,7 +155,7 @@ def test_non_array_leaf_with_int_axis_is_a_clear_error():
         fj.filter_vmap(lambda x, s: x, in_axes=(0, 0))(jnp.ones(3), "s")
 
 
-# Issue 11, gap 2: no mapped axis and no axis_size is a clear error, raised before JAX.
+# No mapped axis and no axis_size is a clear error, raised before JAX.
 @pytest.mark.parametrize(
     ("kwargs", "args"),
     [

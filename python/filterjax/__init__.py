@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ._backend import backend
 from ._caches import clear_caches
 from ._errors import PyTreeCycleError, UnhashableStaticError
+from ._exports import LAZY_EXPORTS
 from ._filters import (
     apply_updates,
     combine,
@@ -28,29 +29,7 @@ from ._filters import (
 __version__ = "0.1.0"
 
 # public name -> the private module that defines it (imported on first access)
-_LAZY = {
-    "filter_jit": "._jit",
-    "filter_grad": "._ad",
-    "filter_value_and_grad": "._ad",
-    "filter_jvp": "._ad",
-    "filter_vjp": "._ad",
-    "filter_jacfwd": "._ad",
-    "filter_jacrev": "._ad",
-    "filter_hessian": "._ad",
-    "filter_custom_jvp": "._ad",
-    "filter_custom_vjp": "._ad",
-    "filter_checkpoint": "._ad",
-    "filter_closure_convert": "._closure_convert",
-    "filter_vmap": "._vmap_pmap",
-    "filter_pmap": "._vmap_pmap",
-    "filter_make_jaxpr": "._make_jaxpr",
-    "filter_eval_shape": "._eval_shape",
-    "filter_shard": "._sharding",
-    "filter_pure_callback": "._callback",
-    "patch_equinox": "._equinox_patch",
-    "unpatch_equinox": "._equinox_patch",
-    "explain_recompiles": "._explain",
-}
+_LAZY = LAZY_EXPORTS
 
 __all__ = [
     "__version__",

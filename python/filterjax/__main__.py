@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     core = _interleaved(
         {
             "jax.tree_util.tree_flatten": lambda: jtu.tree_flatten(tree),
-            "filterjax partition + key": lambda: _backend.partition(tree),
+            "filterjax partition + key": lambda: _backend.flatten_split(tree),
         },
         options.calls,
         options.repeats,

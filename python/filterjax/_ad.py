@@ -21,7 +21,8 @@ from jax.interpreters.ad import JVPTracer
 
 from . import _backend
 from ._compat import typeof
-from ._wrapper import Wrapper, copy_metadata
+from ._compile_utils import OutputSpec, join_output, output_parts, split_output
+from ._wrapper import NO_FUNCTION, Wrapper, copy_metadata
 
 __all__ = [
     "filter_grad",
@@ -35,8 +36,6 @@ __all__ = [
     "filter_custom_vjp",
     "filter_checkpoint",
 ]
-
-_sentinel: Any = object()
 
 
 def _is_none(x: Any) -> bool:
@@ -69,34 +68,6 @@ def _is_inexact_arraylike(x: Any) -> bool:
         return True
     to_array = getattr(x, "__jax_array__", None)
     return callable(to_array) and _is_inexact_leaf(to_array())
-
-
-class _Static:
-    """A PyTree node with no children that carries a Python object through a JAX transform.
-
-    Equality is by value, so two traces that produce equal static parts have equal
-    treedefs (JAX compares them, e.g. between a custom_vjp's primal and forward outputs).
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is _Static and bool(self.value == other.value)
-
-    def __hash__(self) -> int:
-        try:
-            return hash(self.value)
-        except TypeError:
-            return 0
-
-    def __repr__(self) -> str:
-        return f"_Static({self.value!r})"
-
-
-jtu.register_pytree_node(_Static, lambda s: ((), s.value), lambda value, _: _Static(value))
 
 
 def _copy_metadata(wrapper: Any, fun: Callable) -> None:
@@ -143,7 +114,7 @@ class _ValueAndGradWrapper(Wrapper):
             value_and_grad = self._value_and_grad = jax.value_and_grad(
                 _differentiate_leaves, argnums=0, has_aux=self._has_aux, **self._gradkwargs
             )
-        diff_leaves, key = _backend.partition(args[0], _is_inexact_leaf, None, False)
+        diff_leaves, key = _backend.flatten_split(args[0], _is_inexact_leaf, hashed=False)
         value, grads = value_and_grad(diff_leaves, key, self._fun, args[1:], kwargs)
         return value, _backend.rebuild(key, grads, [None] * key.num_static)
 
@@ -206,7 +177,7 @@ def filter_value_and_grad(
 ) -> Callable[_P, tuple[tuple[_T, _A], Any]]: ...
 
 
-def filter_value_and_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs: Any) -> Any:
+def filter_value_and_grad(fun=NO_FUNCTION, *, has_aux: bool = False, **gradkwargs: Any) -> Any:
     """Creates a function that evaluates both `fun` and the gradient of `fun`.
 
     The gradient is taken with respect to every floating-point (or complex) JAX/NumPy
@@ -241,7 +212,7 @@ def filter_value_and_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs:
 
     ```
     """
-    if fun is _sentinel:
+    if fun is NO_FUNCTION:
         return functools.partial(filter_value_and_grad, has_aux=has_aux, **gradkwargs)
     _check_gradkwargs(gradkwargs)
     return _ValueAndGradWrapper(fun, has_aux, gradkwargs)
@@ -271,7 +242,7 @@ def filter_grad(
 ) -> Callable[_P, tuple[Any, _A]]: ...
 
 
-def filter_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs: Any) -> Any:
+def filter_grad(fun=NO_FUNCTION, *, has_aux: bool = False, **gradkwargs: Any) -> Any:
     """Creates a function that computes the gradient of `fun`.
 
     The gradient is taken with respect to every floating-point (or complex) JAX/NumPy
@@ -306,7 +277,7 @@ def filter_grad(fun=_sentinel, *, has_aux: bool = False, **gradkwargs: Any) -> A
 
     ```
     """
-    if fun is _sentinel:
+    if fun is NO_FUNCTION:
         return functools.partial(filter_grad, has_aux=has_aux, **gradkwargs)
     _check_gradkwargs(gradkwargs)
     return _GradWrapper(_ValueAndGradWrapper(fun, has_aux, gradkwargs), has_aux)
@@ -396,8 +367,6 @@ def filter_jvp(fn: Callable, primals: Sequence, tangents: Sequence, **kwargs) ->
         out = fn(*primals, **kwargs)
         return out, jtu.tree_map(lambda _: None, out)
 
-    side: dict = {}
-
     def perturbed_fn(*values):
         parts = list(primal_parts)
         for i, value in zip(perturbed, values, strict=True):
@@ -406,26 +375,28 @@ def filter_jvp(fn: Callable, primals: Sequence, tangents: Sequence, **kwargs) ->
         trace = values[0]._trace
         out_leaves, out_def = jtu.tree_flatten(out)
         # Only outputs carried by this JVP trace have a (possibly) non-zero tangent;
-        # everything else goes around `jax.jvp` untouched.
+        # everything else goes around `jax.jvp` untouched, in its output treedef.
         dependent = [type(x) is JVPTracer and x._trace is trace for x in out_leaves]
-        side["leaves"], side["def"], side["dependent"] = out_leaves, out_def, dependent
-        return [x for x, d in zip(out_leaves, dependent, strict=True) if d]
+        around = [None if d else x for x, d in zip(out_leaves, dependent, strict=True)]
+        spec = OutputSpec((out_def, around, dependent))
+        return {spec: [x for x, d in zip(out_leaves, dependent, strict=True) if d]}
 
-    dependent_out, dependent_tangents = jax.jvp(
+    out, tangents = jax.jvp(
         perturbed_fn,
         [primal_parts[i] for i in perturbed],
         [tangent_leaves[i] for i in perturbed],
     )
-    out_leaves = side["leaves"]
+    (out_def, around, dependent), dependent_out = output_parts(out)
+    _, dependent_tangents = output_parts(tangents)
+    out_leaves = list(around)
     tangents_out = [None] * len(out_leaves)
     values = iter(zip(dependent_out, dependent_tangents, strict=True))
-    for i, d in enumerate(side["dependent"]):
+    for i, d in enumerate(dependent):
         if d:
             value, tangent = next(values)
             out_leaves[i] = value
             if _is_inexact_leaf(value):
                 tangents_out[i] = tangent
-    out_def = side["def"]
     return out_def.unflatten(out_leaves), out_def.unflatten(tangents_out)
 
 
@@ -519,8 +490,7 @@ def filter_vjp(fun: Callable, *primals, has_aux: bool = False):
 
     ```
     """
-    diff_leaves, in_key = _backend.partition(primals, _is_inexact_leaf, None, False)
-    side: dict = {}
+    diff_leaves, in_key = _backend.flatten_split(primals, _is_inexact_leaf, hashed=False)
 
     def diff_fun(leaves):
         out = fun(*_backend.rebuild(in_key, leaves))
@@ -528,12 +498,14 @@ def filter_vjp(fun: Callable, *primals, has_aux: bool = False):
             out, aux = out
         else:
             aux = None
-        out_leaves, out_key = _backend.partition(out, _is_inexact_leaf, None, False)
-        side["key"] = out_key
-        return out_leaves, (out_key.statics, aux)
+        # JAX differentiates the floating-point arrays. The output's structure goes
+        # around it in the treedef of the auxiliary output, and its other leaves (arrays
+        # of other dtypes among them) as auxiliary values.
+        ((spec, out_leaves),) = split_output(out, predicate=_is_inexact_leaf).items()
+        return out_leaves, ({spec: ()}, spec.key.statics, aux)
 
-    diff_out, jax_vjp, (out_statics, aux) = jax.vjp(diff_fun, diff_leaves, has_aux=True)
-    out_key = side["key"]
+    diff_out, jax_vjp, (carried, out_statics, aux) = jax.vjp(diff_fun, diff_leaves, has_aux=True)
+    out_key, _ = output_parts(carried)
     out = _backend.rebuild(out_key, diff_out, out_statics)
     diff_tree = _backend.rebuild(out_key, diff_out, [None] * out_key.num_static)
     spec = _VjpSpec(in_key, out_key, jtu.tree_structure(out), jtu.tree_structure(diff_tree))
@@ -562,24 +534,22 @@ class _Jacobian(Wrapper):
         return "filter_jacrev" if self.rev else "filter_jacfwd"
 
     def __call__(self, x, /, *args, **kwargs):
-        diff_leaves, key = _backend.partition(x, _is_inexact_leaf, None, False)
+        diff_leaves, key = _backend.flatten_split(x, _is_inexact_leaf, hashed=False)
         diff_x = _backend.rebuild(key, diff_leaves, [None] * key.num_static)
         fun, has_aux = self.fun, self.has_aux
-        side: dict = {}
 
         def diff_fun(_diff_x):
             out = fun(_backend.rebuild(key, jtu.tree_leaves(_diff_x)), *args, **kwargs)
             if not has_aux:
                 return out, None
             out, aux = out
-            # JAX's jacobians only carry arrays as aux; everything else goes around them.
-            aux_leaves, side["aux_key"] = _backend.partition(aux, None, None, False)
-            return out, aux_leaves
+            # JAX's jacobians only carry arrays as aux; the rest goes around them.
+            return out, split_output(aux)
 
         jacobian = jax.jacrev if self.rev else jax.jacfwd
-        jac, aux_leaves = jacobian(diff_fun, has_aux=True)(diff_x)
+        jac, aux = jacobian(diff_fun, has_aux=True)(diff_x)
         if has_aux:
-            return jac, _backend.rebuild(side["aux_key"], aux_leaves)
+            return jac, join_output(aux)
         return jac
 
 
@@ -811,7 +781,7 @@ class filter_custom_jvp:
         )
 
     def __call__(self, /, *args, **kwargs):
-        dynamic, key = _backend.partition((args, kwargs), None, None, False)
+        dynamic, key = _backend.flatten_split((args, kwargs), hashed=False)
         return self._custom(key, dynamic)
 
 
@@ -979,10 +949,7 @@ class filter_custom_vjp:
         def primal(vjp_key, diff_mask, args_key, diff, nondiff, arg_arrays):
             vjp_arg = _backend.rebuild(vjp_key, _merge_by_mask(diff, nondiff, diff_mask))
             args, kwargs = _backend.rebuild(args_key, arg_arrays)
-            out_leaves, out_key = _backend.partition(
-                fn(vjp_arg, *args, **kwargs), None, None, False
-            )
-            return out_leaves, _Static(out_key)
+            return split_output(fn(vjp_arg, *args, **kwargs))
 
         def forward(vjp_key, diff_mask, args_key, diff, nondiff, arg_arrays):
             diff_values = [_as_array(p.value) for p in diff]
@@ -1002,25 +969,23 @@ class filter_custom_vjp:
                     f"(out, residuals); got {type(result).__name__}."
                 )
             out, residuals = result
-            out_leaves, out_key = _backend.partition(out, None, None, False)
-            res_leaves, res_key = _backend.partition(residuals, None, None, False)
+            res_leaves, res_key = _backend.flatten_split(residuals, hashed=False)
             saved = _VjpResiduals(
-                res_leaves, _Static(res_key), vjp_leaves, arg_values, _Static(perturbed)
+                res_leaves, OutputSpec(res_key), vjp_leaves, arg_values, OutputSpec(perturbed)
             )
-            return (out_leaves, _Static(out_key)), saved
+            return split_output(out), saved
 
         def backward(vjp_key, diff_mask, args_key, saved, grad_out):
-            out_cts, out_static = grad_out
-            out_key = out_static.value
+            out_key, out_cts = output_parts(grad_out)
             ct_leaves = [
                 None if type(ct) is SymbolicZero or not _is_inexact_leaf(ct) else ct
                 for ct in out_cts
             ]
             grad_obj = _backend.rebuild(out_key, ct_leaves, [None] * out_key.num_static)
-            residuals = _backend.rebuild(saved.res_key.value, saved.res_leaves)
+            residuals = _backend.rebuild(saved.res_key.key, saved.res_leaves)
             vjp_arg = _backend.rebuild(vjp_key, saved.vjp_values)
             args, kwargs = _backend.rebuild(args_key, saved.arg_values)
-            perturbed = saved.perturbed.value
+            perturbed = saved.perturbed.key
             grads = self.fn_bwd(residuals, grad_obj, perturbed, vjp_arg, *args, **kwargs)
             return _gradients_for_vjp_arg(grads, vjp_key, diff_mask, name), None, None
 
@@ -1034,16 +999,13 @@ class filter_custom_vjp:
                 f"filter_custom_vjp({self._name}): define both `def_fwd` and `def_bwd` "
                 "before calling it."
             )
-        vjp_arrays, vjp_key = _backend.partition(vjp_arg, None, None, False)
+        vjp_arrays, vjp_key = _backend.flatten_split(vjp_arg, hashed=False)
         diff_mask = tuple(map(_is_inexact_leaf, vjp_arrays))
         diff, nondiff = _split_by_mask(vjp_arrays, diff_mask)
-        arg_arrays, args_key = _backend.partition((args, kwargs), None, None, False)
+        arg_arrays, args_key = _backend.flatten_split((args, kwargs), hashed=False)
         if arg_arrays:
             arg_arrays = _not_differentiable(self._args_message, arg_arrays)
-        out_leaves, out_static = self._custom(
-            vjp_key, diff_mask, args_key, diff, nondiff, arg_arrays
-        )
-        return _backend.rebuild(out_static.value, out_leaves)
+        return join_output(self._custom(vjp_key, diff_mask, args_key, diff, nondiff, arg_arrays))
 
 
 class _NotAnArray:
@@ -1136,15 +1098,13 @@ class _CheckpointWrapper(Wrapper):
 
             def run(key, dynamic):
                 args, kwargs = _backend.rebuild(key, dynamic)
-                out_leaves, out_key = _backend.partition(fun(*args, **kwargs), None, None, False)
-                return out_leaves, _Static(out_key)
+                return split_output(fun(*args, **kwargs))
 
             checkpointed = self._checkpointed = jax.checkpoint(
                 run, prevent_cse=self._prevent_cse, policy=self._policy, static_argnums=(0,)
             )
-        dynamic, key = _backend.partition((args, kwargs))
-        out_leaves, out_static = checkpointed(key, dynamic)
-        return _backend.rebuild(out_static.value, out_leaves)
+        dynamic, key = _backend.flatten_split((args, kwargs))
+        return join_output(checkpointed(key, dynamic))
 
 
 @overload
@@ -1163,7 +1123,7 @@ def filter_checkpoint(
 
 
 def filter_checkpoint(
-    fun: Any = _sentinel,
+    fun: Any = NO_FUNCTION,
     *,
     prevent_cse: bool = True,
     policy: Callable[..., bool] | None = None,
@@ -1198,6 +1158,6 @@ def filter_checkpoint(
 
     ```
     """
-    if fun is _sentinel:
+    if fun is NO_FUNCTION:
         return functools.partial(filter_checkpoint, prevent_cse=prevent_cse, policy=policy)
     return _CheckpointWrapper(fun, prevent_cse, policy)

@@ -1,20 +1,23 @@
 """Pick the core implementation: the native module if it imports, else the Python twin.
 
 `FILTERJAX_BACKEND=native` or `=python` forces one. The transforms call the core through
-this module's globals (`_backend.partition(...)`), so tests can switch backend at runtime.
+this module's globals (`_backend.flatten_split(...)`), so tests can switch backend at
+runtime. `Core` is the contract both cores meet (checked by mypy here, by stubtest for
+the native module against `_native.pyi`, and by tests/test_architecture.py at run time).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from types import ModuleType
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 __all__ = [
+    "Core",
     "backend",
     "set_backend",
-    "partition",
+    "register_array_predicate",
+    "flatten_split",
     "rebuild",
     "is_array_fast",
     "StaticKey",
@@ -32,22 +35,74 @@ _BUILD_HINT = (
     "pure-Python backend."
 )
 
+_IsLeaf = Callable[[Any], Any] | None
 
-def _load(name: str) -> ModuleType:
+
+class Core(Protocol):
+    """What a core module provides: the per-call PyTree work (see `_native.pyi` for each
+    function's full contract)."""
+
+    @property
+    def BACKEND(self) -> str: ...  # noqa: N802 - a module constant
+
+    @property
+    def StaticKey(self) -> type: ...  # noqa: N802 - a class
+
+    @property
+    def Dispatcher(self) -> type: ...  # noqa: N802 - a class
+
+    def is_array(self, x: Any, /) -> bool: ...
+
+    def flatten_split(
+        self,
+        tree: Any,
+        predicate: Callable[[Any], Any] | None = None,
+        is_leaf: _IsLeaf = None,
+        hashed: bool = True,
+    ) -> tuple[list[Any], Any]: ...
+
+    def rebuild(
+        self, key: Any, dynamic: Sequence[Any], statics: Sequence[Any] | None = None
+    ) -> Any: ...
+
+    def register_array_predicate(self, predicate: Callable[[Any], bool]) -> None: ...
+
+    def tree_partition(
+        self, pytree: Any, filter_spec: Any, replace: Any = None, is_leaf: _IsLeaf = None
+    ) -> tuple[Any, Any]: ...
+
+    def tree_filter(
+        self,
+        pytree: Any,
+        filter_spec: Any,
+        inverse: Any = False,
+        replace: Any = None,
+        is_leaf: _IsLeaf = None,
+    ) -> Any: ...
+
+    def tree_combine(self, pytrees: tuple[Any, ...], is_leaf: _IsLeaf = None) -> Any: ...
+
+    def tree_apply_updates(self, model: Any, updates: Any) -> Any: ...
+
+
+def _load(name: str) -> Core:
+    core: Core
     if name == "native":
         try:
             from . import _native
         except ImportError as err:
             raise ImportError(_BUILD_HINT) from err
-        return _native
+        core = _native
+        return core
     if name == "python":
         from . import _pycore
 
-        return _pycore
+        core = _pycore
+        return core
     raise ValueError(f"FILTERJAX_BACKEND must be 'native' or 'python', got {name!r}")
 
 
-def _choose() -> ModuleType:
+def _choose() -> Core:
     requested = os.environ.get("FILTERJAX_BACKEND", "").strip().lower()
     if requested:
         return _load(requested)
@@ -58,8 +113,8 @@ def _choose() -> ModuleType:
 
 
 # Set by `_install` at import; typed here for readers and type checkers.
-_core: ModuleType
-partition: Callable[..., tuple[list[Any], Any]]
+_core: Core
+flatten_split: Callable[..., tuple[list[Any], Any]]
 rebuild: Callable[..., Any]
 is_array_fast: Callable[[Any], bool]
 StaticKey: type
@@ -68,6 +123,21 @@ tree_partition: Callable[..., tuple[Any, Any]]
 tree_filter: Callable[..., Any]
 tree_combine: Callable[..., Any]
 tree_apply_updates: Callable[[Any, Any], Any]
+
+# The public layer's array predicate, handed to every core installed (see
+# `register_array_predicate`).
+_array_predicate: Callable[[Any], bool] | None = None
+
+
+def register_array_predicate(predicate: Callable[[Any], bool]) -> None:
+    """Tell the core (this one and any installed later) that `predicate` answers as its
+    own array test, so a filter_spec of `predicate` runs natively, with no call per leaf.
+
+    The public layer calls this at import with `filterjax.is_array`: the cores import
+    nothing from it."""
+    global _array_predicate
+    _array_predicate = predicate
+    _core.register_array_predicate(predicate)
 
 
 def set_backend(name: str) -> None:
@@ -103,11 +173,13 @@ def backend() -> str:
     return _core.BACKEND
 
 
-def _install(core: ModuleType) -> None:
-    global _core, partition, rebuild, is_array_fast, StaticKey, Dispatcher
+def _install(core: Core) -> None:
+    global _core, flatten_split, rebuild, is_array_fast, StaticKey, Dispatcher
     global tree_partition, tree_filter, tree_combine, tree_apply_updates
+    if _array_predicate is not None:
+        core.register_array_predicate(_array_predicate)
     _core = core
-    partition = core.partition
+    flatten_split = core.flatten_split
     rebuild = core.rebuild
     is_array_fast = core.is_array
     StaticKey = core.StaticKey
@@ -119,3 +191,9 @@ def _install(core: ModuleType) -> None:
 
 
 _install(_choose())
+
+if TYPE_CHECKING:
+    # Both cores meet the contract.
+    from . import _native, _pycore
+
+    _checked: tuple[Core, Core] = (_native, _pycore)

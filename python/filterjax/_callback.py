@@ -9,12 +9,9 @@ import jax
 import jax.tree_util as jtu
 
 from . import _backend
+from ._compile_utils import has_shape_and_dtype
 
 __all__ = ["filter_pure_callback"]
-
-
-def _is_struct(leaf: Any) -> bool:
-    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
 
 
 def _always(_: Any) -> bool:
@@ -101,16 +98,16 @@ def filter_pure_callback(
         ```
     """
     vmap_method = _vmap_method_for(vmap_method, vectorized)
-    dynamic, key = _backend.partition((args, kwargs), None, None, False)
-    expected, expected_key = _backend.partition(result_shape_dtypes, _always, None, False)
-    struct_index = [i for i, leaf in enumerate(expected) if _is_struct(leaf)]
+    dynamic, key = _backend.flatten_split((args, kwargs), hashed=False)
+    expected, expected_key = _backend.flatten_split(result_shape_dtypes, _always, hashed=False)
+    struct_index = [i for i, leaf in enumerate(expected) if has_shape_and_dtype(leaf)]
     structs = [expected[i] for i in struct_index]
     struct_set = set(struct_index)
 
     def host_side(*leaves):
         call_args, call_kwargs = _backend.rebuild(key, list(leaves))
         out = callback(*call_args, **call_kwargs)
-        returned, returned_key = _backend.partition(out, _always, None, False)
+        returned, returned_key = _backend.flatten_split(out, _always, hashed=False)
         if returned_key != expected_key:
             raise ValueError(
                 "filter_pure_callback: the callback returned a PyTree of structure "

@@ -11,14 +11,11 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from . import _backend
+from ._compile_utils import is_array_or_struct, output_parts, split_output
 
 __all__ = ["filter_closure_convert"]
 
 _T = TypeVar("_T", bound=Callable)
-
-
-def _is_struct(leaf: Any) -> bool:
-    return _backend.is_array_fast(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
 
 
 def _struct_of(leaf: Any) -> jax.ShapeDtypeStruct:
@@ -70,7 +67,7 @@ class _ClosureConverted:
 
     def _check_inputs(self, args: tuple, kwargs: dict) -> list:
         c = self._conversion
-        leaves, key = _backend.partition((args, kwargs), _is_struct, None, False)
+        leaves, key = _backend.flatten_split((args, kwargs), is_array_or_struct, hashed=False)
         same = key == c.in_key
         if same:
             for leaf, struct in zip(leaves, c.in_structs, strict=True):
@@ -144,23 +141,18 @@ def filter_closure_convert(fn: _T, *args, **kwargs) -> _T:
 
     ```
     """
-    in_leaves, in_key = _backend.partition((args, kwargs), _is_struct, None, False)
+    in_leaves, in_key = _backend.flatten_split((args, kwargs), is_array_or_struct, hashed=False)
     in_structs = [_struct_of(leaf) for leaf in in_leaves]
     if isinstance(fn, types.FunctionType) and fn.__closure__ is None:
         # Nothing is closed over, so there can be no closed-over tracer: skip tracing.
         conversion = _Conversion(fn, None, in_key, in_structs, None, None)
         return _ClosureConverted([], conversion)  # type: ignore[return-value]
 
-    side: dict = {}
-
     def flat_fn(*dynamic):
         call_args, call_kwargs = _backend.rebuild(in_key, dynamic)
-        out_leaves, out_key = _backend.partition(fn(*call_args, **call_kwargs), None, None, False)
-        side["out_key"] = out_key
-        return out_leaves
+        return split_output(fn(*call_args, **call_kwargs))
 
-    closed_jaxpr, out_structs = jax.make_jaxpr(flat_fn, return_shape=True)(*in_structs)
-    conversion = _Conversion(
-        fn, closed_jaxpr.jaxpr, in_key, in_structs, side["out_key"], out_structs
-    )
+    closed_jaxpr, out = jax.make_jaxpr(flat_fn, return_shape=True)(*in_structs)
+    out_key, out_structs = output_parts(out)
+    conversion = _Conversion(fn, closed_jaxpr.jaxpr, in_key, in_structs, out_key, out_structs)
     return _ClosureConverted(list(closed_jaxpr.consts), conversion)  # type: ignore[return-value]

@@ -13,7 +13,7 @@ How Equinox reports them (facts about Equinox, which filterjax never imports):
   showing the stack from the `error_if` call up to its own frame.
 
 filterjax does the same for its compiled programs: the traced function's frame carries
-`FRAME_MARKER` under Equinox's local name (see `_jit._run_and_split_output`), and
+`FRAME_MARKER` under Equinox's local name (see `_compile_utils.run_and_split_output`), and
 `translate` turns the wrapped error into Equinox's exception. Nothing here imports
 Equinox: it is looked up in `sys.modules`, so a program that never imported Equinox
 cannot have raised one of its errors.

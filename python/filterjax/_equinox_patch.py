@@ -11,18 +11,14 @@ import threading
 from types import TracebackType
 from typing import Any
 
+from ._exports import LAZY_EXPORTS
+
 __all__ = ["patch_equinox", "unpatch_equinox", "PATCHABLE_NAMES"]
-
-
-def _public_names() -> tuple[str, ...]:
-    from . import _LAZY
-
-    return tuple(_LAZY)
 
 
 # Equinox's public filtered transformations that filterjax provides under the same name:
 # every filter_* name filterjax exports.
-PATCHABLE_NAMES = tuple(name for name in _public_names() if name.startswith("filter_"))
+PATCHABLE_NAMES = tuple(name for name in LAZY_EXPORTS if name.startswith("filter_"))
 
 _lock = threading.RLock()
 # name -> Equinox's own object, for every name currently patched. Empty when unpatched.

@@ -8,13 +8,9 @@ from typing import Any
 import jax
 
 from . import _backend
-from ._jit import _callable_as_tree
+from ._compile_utils import callable_as_tree, is_array_or_struct, join_output, split_output
 
 __all__ = ["filter_eval_shape"]
-
-
-def _is_traced(leaf: Any) -> bool:
-    return _backend.is_array_fast(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
 
 
 def filter_eval_shape(fun: Callable[..., Any], *args, **kwargs) -> Any:
@@ -44,19 +40,12 @@ def filter_eval_shape(fun: Callable[..., Any], *args, **kwargs) -> Any:
 
         ```
     """
-    dynamic, key = _backend.partition(
-        (_callable_as_tree(fun), args, kwargs), _is_traced, None, False
+    dynamic, key = _backend.flatten_split(
+        (callable_as_tree(fun), args, kwargs), is_array_or_struct, hashed=False
     )
-    side: list = []
 
     def traced(*leaves):
         call_fun, call_args, call_kwargs = _backend.rebuild(key, list(leaves))
-        out = call_fun(*call_args, **call_kwargs)
-        out_dynamic, out_key = _backend.partition(out, None, None, False)
-        side.append(out_key)
-        return out_dynamic
+        return split_output(call_fun(*call_args, **call_kwargs))
 
-    # A fresh function per call: JAX never answers from a cache, so `side` is filled.
-    out_structs = jax.eval_shape(traced, *dynamic)
-    (out_key,) = side
-    return _backend.rebuild(out_key, out_structs)
+    return join_output(jax.eval_shape(traced, *dynamic))

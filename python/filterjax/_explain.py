@@ -236,9 +236,9 @@ def _sharding_str(sharding: Any) -> str:
 
 
 def _tree_classes() -> tuple[Any, Any]:
-    from ._jit import _MethodTree, _PartialTree
+    from ._compile_utils import MethodTree, PartialTree
 
-    return _PartialTree, _MethodTree
+    return PartialTree, MethodTree
 
 
 def _walk(obj: Any, path: tuple, entries: dict, is_array: Any) -> None:

@@ -42,6 +42,10 @@ def is_array(element: Any) -> bool:
     return _backend.is_array_fast(element)
 
 
+# Filter specs of `is_array` run inside the core, with no Python call per leaf.
+_backend.register_array_predicate(is_array)
+
+
 def is_array_like(element: Any) -> bool:
     """Returns `True` if `element` is a JAX array, NumPy array or scalar, a Python
     `bool`/`int`/`float`/`complex`, or has a `__jax_array__` method.

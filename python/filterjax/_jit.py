@@ -2,7 +2,7 @@
 
 Per call, the work outside JAX is one native call (the core's `Dispatcher`): look up the
 argument-binding plan of the call's shape and apply it (so keyword calls share the
-positional calls' programs at the same cost), one `partition` of `(args, kwargs)` giving
+positional calls' programs at the same cost), one `flatten_split` of `(args, kwargs)` giving
 the flat dynamic leaves and a hashable static key, one dict lookup of the `jax.jit`
 compiled for that key, a call of it with the flat array leaves only (JAX's C++ dispatch
 sees no static argument), and one `rebuild` of the output. The output's static part
@@ -19,15 +19,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
-import types
-import warnings
 from collections.abc import Callable
 from typing import (
     Any,
     Concatenate,
-    Generic,
-    Literal,
     ParamSpec,
     Protocol,
     TypeVar,
@@ -38,9 +33,23 @@ import jax
 import jax.tree_util as jtu
 
 from . import _backend, _caches, _equinox_errors, _explain
-from ._errors import UnhashableStaticError, rename_root, unhashable_message
-from ._pycore import apply_plan
-from ._wrapper import Wrapper, callable_name, metadata_of
+from ._compile_utils import (
+    DONATE_MODES,
+    Donate,
+    Lowered,
+    OutputSpec,
+    SignatureTable,
+    call_donating,
+    callable_as_tree,
+    callable_from_tree,
+    check_options,
+    rebuild_output,
+    run_and_split_output,
+    with_call_path,
+)
+from ._errors import UnhashableStaticError, rename_root
+from ._plans import IDENTITY_PLAN, apply_plan, make_plan
+from ._wrapper import NO_FUNCTION, Wrapper, callable_name, metadata_of
 
 __all__ = ["filter_jit"]
 
@@ -48,116 +57,10 @@ _P = ParamSpec("_P")
 _Q = ParamSpec("_Q")
 _T = TypeVar("_T")
 
-_Donate = Literal["all", "all-except-first", "warn", "warn-except-first", "none"]
-_DONATE_MODES = ("all", "all-except-first", "warn", "warn-except-first", "none")
-_UNUSED_DONATION = "Some donated buffers were not usable*"
 # jax.jit options that filter_jit decides itself.
 _RESERVED_JIT_KWARGS = frozenset(
     {"static_argnums", "static_argnames", "donate_argnums", "donate_argnames"}
 )
-
-
-# ---------------------------------------------------------------------------------------
-# `fun` as a PyTree: a functools.partial or bound method holding arrays has them traced.
-
-
-class _PartialTree:
-    """A functools.partial seen as a PyTree, so the arrays it holds are traced."""
-
-    __slots__ = ("func", "args", "keywords")
-
-    def __init__(self, func, args, keywords):
-        self.func = func
-        self.args = args
-        self.keywords = keywords
-
-    def __call__(self, *args, **kwargs):
-        return self.func(*self.args, *args, **{**self.keywords, **kwargs})
-
-
-class _MethodTree:
-    """A bound method seen as a PyTree (`__func__`, `__self__`)."""
-
-    __slots__ = ("func", "instance")
-
-    def __init__(self, func, instance):
-        self.func = func
-        self.instance = instance
-
-    def __call__(self, *args, **kwargs):
-        return self.func(self.instance, *args, **kwargs)
-
-
-jtu.register_pytree_node(
-    _PartialTree,
-    lambda p: ((p.func, p.args, p.keywords), None),
-    lambda _, children: _PartialTree(*children),
-)
-jtu.register_pytree_node(
-    _MethodTree,
-    lambda m: ((m.func, m.instance), None),
-    lambda _, children: _MethodTree(*children),
-)
-
-
-def _callable_as_tree(fun: Any) -> Any:
-    if type(fun) is functools.partial:
-        return _PartialTree(_callable_as_tree(fun.func), fun.args, dict(fun.keywords))
-    if type(fun) is types.MethodType:
-        return _MethodTree(_callable_as_tree(fun.__func__), fun.__self__)
-    return fun
-
-
-def _callable_from_tree(tree: Any) -> Any:
-    """Inverse of `_callable_as_tree`: the callable as the user gave it."""
-    if type(tree) is _PartialTree:
-        return functools.partial(_callable_from_tree(tree.func), *tree.args, **tree.keywords)
-    if type(tree) is _MethodTree:
-        return types.MethodType(_callable_from_tree(tree.func), tree.instance)
-    return tree
-
-
-# ---------------------------------------------------------------------------------------
-# Argument binding, cached per call shape (number of positionals, keyword names).
-
-
-class _Slot:
-    """Placeholder bound in place of a real argument, to learn where each one lands."""
-
-    __slots__ = ("source",)
-
-    def __init__(self, source: int | str):
-        self.source = source
-
-
-class _IdentityPlan:
-    """The plan of calls already in the function's normal form: arguments pass as given."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<identity plan>"
-
-
-IDENTITY_PLAN = _IdentityPlan()
-
-
-def _make_plan(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> Any:
-    """How calls shaped like `(args, kwargs)` map onto `signature.bind(...)`'s normal form.
-
-    `IDENTITY_PLAN`, or `(argument sources, ((keyword, source), ...))` where a source is a
-    position in the call's `args` or a name in its `kwargs`: the form the core's
-    Dispatchers apply (`_pycore.apply_plan`). Raises the TypeError `signature.bind` raises
-    when such calls can't bind.
-    """
-    if signature is None:
-        return IDENTITY_PLAN
-    bound = signature.bind(*map(_Slot, range(len(args))), **{k: _Slot(k) for k in kwargs})
-    arg_sources = tuple(slot.source for slot in bound.args)
-    kwarg_sources = tuple((name, slot.source) for name, slot in bound.kwargs.items())
-    if arg_sources == tuple(range(len(args))) and all(n == s for n, s in kwarg_sources):
-        return IDENTITY_PLAN
-    return arg_sources, kwarg_sources
 
 
 def _signature_of(fun: Callable) -> inspect.Signature | None:
@@ -169,54 +72,6 @@ def _signature_of(fun: Callable) -> inspect.Signature | None:
 
 def _bind_error(name: str, err: TypeError) -> TypeError:
     return TypeError(f"{name}() {err}")
-
-
-# ---------------------------------------------------------------------------------------
-# The traced function and its output.
-
-
-class _OutputSpec:
-    """Static part of one trace's output.
-
-    Returned from the traced function as the single key of a dict
-    (`{_OutputSpec(key): dynamic_leaves}`), so that JAX stores it in the compiled
-    signature's output treedef and hands the same object back on every call. Hashed by
-    identity, so unhashable static outputs are fine.
-    """
-
-    __slots__ = ("key",)
-
-    def __init__(self, key):
-        self.key = key
-
-    def __repr__(self) -> str:
-        return "<filterjax output>"
-
-
-def _run_and_split_output(fun: Callable, args: tuple, kwargs: dict, core: Any = None) -> Any:
-    # This frame is where the stack of an `eqx.error_if` ends: Equinox records the marker
-    # held in this local, and `_equinox_errors.translate` cuts there.
-    __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841
-    _equinox_errors.fresh_stacks()
-    try:
-        out = fun(*args, **kwargs)
-    finally:  # and this trace's stacks are not reused by later traces either
-        _equinox_errors.fresh_stacks()
-    out_dynamic, out_key = (core or _backend).partition(out, None, None, False)
-    if out_key.num_static == 0:
-        # JAX rebuilds an all-array output itself, from the output treedef of the trace.
-        # A lone dict keyed by an _OutputSpec is how a trace with static outputs says so.
-        if not (type(out) is dict and len(out) == 1 and type(next(iter(out))) is _OutputSpec):
-            return out
-    return {_OutputSpec(out_key): out_dynamic}
-
-
-def _rebuild_output(out: Any, core: Any = None) -> Any:
-    if type(out) is dict and len(out) == 1:
-        ((spec, leaves),) = out.items()
-        if type(spec) is _OutputSpec:
-            return (core or _backend).rebuild(spec.key, leaves)
-    return out
 
 
 def _make_traced(program: _JitProgram, key: Any) -> Callable:
@@ -243,7 +98,7 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
             rest_args, kwargs = core.rebuild(rest_key, rest_dynamic)
             # Runs only when JAX traces (a new program): recorded whether or not explained.
             _explain.on_trace(records, "filter_jit", core, fun, (first, *rest_args), kwargs)
-            return _run_and_split_output(fun, (first, *rest_args), kwargs, core)
+            return run_and_split_output(fun, (first, *rest_args), kwargs, core)
 
         traced: Callable = traced_first_apart
     else:
@@ -253,7 +108,7 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
             args, kwargs = core.rebuild(key, dynamic)
             # Runs only when JAX traces (a new program): recorded whether or not explained.
             _explain.on_trace(records, "filter_jit", core, fun, args, kwargs)
-            return _run_and_split_output(fun, args, kwargs, core)
+            return run_and_split_output(fun, args, kwargs, core)
 
         traced = traced_together
     traced.__name__ = program.name
@@ -283,9 +138,6 @@ class JitFunction(Protocol[_P, _T]):
     ) -> Callable[_Q, _T]: ...
 
 
-_UNSET: Any = object()
-
-
 class _JitProgram:
     """Everything compiled for one function (by its static part) and one set of options.
 
@@ -295,7 +147,7 @@ class _JitProgram:
     array leaves (`leading`). Bound to the core (native or Python) it was made with.
     """
 
-    def __init__(self, core: Any, fun: Callable, fun_key: Any, donate: _Donate, jitkwargs):
+    def __init__(self, core: Any, fun: Callable, fun_key: Any, donate: Donate, jitkwargs):
         self.core = core
         self.fun_key = fun_key
         self.donate = donate
@@ -309,17 +161,15 @@ class _JitProgram:
         self.split_first = donate in ("all-except-first", "warn-except-first")
         self.silence_unused_donation = donate in ("all", "all-except-first")
         self.plans: dict = {}
-        self.programs: dict = {}
+        self.table = SignatureTable()
+        self.programs = self.table.programs
         self.records = _explain.Records()  # signatures of the traces, for explanations
-        # Re-entrant: looking a key up runs static leaves' __eq__, which may call this
-        # same function (from the same thread) and compile another signature.
-        self._lock = threading.RLock()
         self.wrapper_class = _wrapper_class(core)
         self.fast = not (self.split_first or self.silence_unused_donation)
         self.metadata = metadata_of(fun)
         _caches.register_owner(self)
 
-    def wrap(self, leading: Any, fn: Any = _UNSET) -> Any:
+    def wrap(self, leading: Any, fn: Any = NO_FUNCTION) -> Any:
         """A wrapper (a `filter_jit` function) around this program and `leading`.
 
         `fn` is the wrapper's first PyTree child (the function's name, as in Equinox),
@@ -333,20 +183,19 @@ class _JitProgram:
             self.programs,
             IDENTITY_PLAN,
             self._call,
-            _OutputSpec,
+            OutputSpec,
             leading,
             self.fast,
             _equinox_errors.replacement_for,
         )
         attributes = wrapper.__dict__
         attributes["_program"] = self
-        attributes["fn"] = self.name if fn is _UNSET else fn
+        attributes["fn"] = self.name if fn is NO_FUNCTION else fn
         attributes.update(self.metadata)
         return wrapper
 
     def _clear_cache(self) -> None:
-        programs = list(self.programs.values())
-        self.programs.clear()
+        programs = self.table.clear()
         self.plans.clear()
         self.records.clear()
         for jitted in programs:
@@ -379,7 +228,7 @@ class _JitProgram:
         plan = self.plans.get(shape)
         if plan is None:
             try:
-                plan = _make_plan(self.signature, args, kwargs)
+                plan = make_plan(self.signature, args, kwargs)
             except TypeError as err:
                 raise _bind_error(self.qualname, err) from None
             # Bounded like the programs: a shape forgotten is planned again when called.
@@ -395,7 +244,7 @@ class _JitProgram:
         after the function's own leaves: `(dynamic,)`, or `(first, rest)` with the first
         argument kept undonated."""
         args, kwargs = self.bind(args, kwargs)
-        partition = self.core.partition
+        flatten_split = self.core.flatten_split
         try:
             if self.split_first:
                 if not args:
@@ -403,12 +252,12 @@ class _JitProgram:
                         f"filter_jit(donate={self.donate!r}) needs at least one positional "
                         f"argument to keep undonated; {self.name}() was called without one."
                     )
-                first_dynamic, first_key = partition((args[0],))
-                rest_dynamic, rest_key = partition((args[1:], kwargs))
+                first_dynamic, first_key = flatten_split((args[0],))
+                rest_dynamic, rest_key = flatten_split((args[1:], kwargs))
                 return (first_key, rest_key), (first_dynamic, rest_dynamic)
-            dynamic, key = partition((args, kwargs))
+            dynamic, key = flatten_split((args, kwargs))
         except UnhashableStaticError as err:
-            raise _renamed(err, ("args", "kwargs")) from err.__cause__
+            raise with_call_path(err, ("args", "kwargs")) from err.__cause__
         return key, (dynamic,)
 
     def program_for(self, key: Any, args: tuple, kwargs: dict) -> Any:
@@ -418,15 +267,12 @@ class _JitProgram:
         except Exception as err:
             raise _static_comparison_error(args, kwargs, err) from err
         if jitted is None:
-            with self._lock:  # one `jax.jit` per signature, however many threads miss it
-                jitted = self.programs.get(key)
-                if jitted is None:
-                    jitted = jax.jit(
-                        _make_traced(self, key),
-                        donate_argnums=self._donated(key),
-                        **self.jitkwargs,
-                    )
-                    _caches.bounded_insert(self.programs, key, jitted)
+            jitted = self.table.get_or_make(
+                key,
+                lambda: jax.jit(
+                    _make_traced(self, key), donate_argnums=self._donated(key), **self.jitkwargs
+                ),
+            )
         return jitted
 
     def head(self, leading: tuple) -> tuple:
@@ -451,13 +297,8 @@ class _JitProgram:
         jitted = self.program_for(key, args, kwargs)
         _equinox_errors.watching()  # once Equinox is imported, silence its callback logs
         with _equinox_errors.translated():
-            if self.silence_unused_donation:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
-                    out = jitted(*self.head(leading), *dynamic)
-            else:
-                out = jitted(*self.head(leading), *dynamic)
-        return _rebuild_output(out, self.core)
+            out = call_donating(self.silence_unused_donation, jitted, *self.head(leading), *dynamic)
+        return rebuild_output(out, self.core)
 
     def lower(self, leading: tuple, args: tuple, kwargs: dict) -> Lowered:
         key, dynamic = self.arguments(args, kwargs)
@@ -491,7 +332,7 @@ class _JitWrapperBase(Wrapper):
 
     def _wrapped(self) -> Any:
         program = self._program
-        return _callable_from_tree(program.core.rebuild(program.fun_key, self.leading))
+        return callable_from_tree(program.core.rebuild(program.fun_key, self.leading))
 
     def _reduce(self) -> tuple[Callable, tuple]:
         program = self._program
@@ -511,7 +352,7 @@ class _JitWrapperBase(Wrapper):
         return hash((self._program, tuple(self.leading)))
 
 
-def _remake(fun: Callable, donate: _Donate, jitkwargs: dict) -> Any:
+def _remake(fun: Callable, donate: Donate, jitkwargs: dict) -> Any:
     return filter_jit(fun, donate=donate, **jitkwargs)
 
 
@@ -572,83 +413,19 @@ def _static_comparison_error(args: tuple, kwargs: dict, err: Exception) -> TypeE
     return TypeError(f"A static argument could not be compared with __eq__: {err}")
 
 
-def _renamed(err: UnhashableStaticError, roots: tuple[str, ...]) -> UnhashableStaticError:
-    """The same error, with the leaf's path named from the call (`args[1]['cfg']`)."""
-    where = rename_root(err.path, roots) if len(roots) > 1 else roots[0] + jtu.keystr(err.path)
-    message = unhashable_message(where, err.leaf_type or object, err.__cause__)
-    return UnhashableStaticError(message, err.path, err.leaf_type)
-
-
-class Lowered(Generic[_T]):
-    """A `filter_jit` function lowered for one call signature (see `JitFunction.lower`).
-
-    `owner` is the wrapper it was lowered from, for compiled types that need it.
-    """
-
-    def __init__(self, program: Any, leading: Any, lowered, key, owner: Any = None):
-        self._program = program
-        self._leading = leading
-        self._lowered = lowered
-        self._key = key
-        self._owner = owner
-
-    def as_text(self, *args, **kwargs) -> str:
-        """The lowered program as text (StableHLO by default)."""
-        return self._lowered.as_text(*args, **kwargs)
-
-    def compiler_ir(self, *args, **kwargs):
-        return self._lowered.compiler_ir(*args, **kwargs)
-
-    def compile(self, *args, **kwargs) -> Compiled[_T]:
-        """Compile the lowered program."""
-        compiled = self._lowered.compile(*args, **kwargs)
-        return self._compiled_type(self._program, self._leading, compiled, self._key, self._owner)
-
-    @property
-    def _compiled_type(self) -> type[Compiled]:
-        return Compiled
-
-
-class Compiled(Generic[_T]):
-    """A compiled `filter_jit` program, callable with the arguments it was lowered for."""
-
-    def __init__(self, program: Any, leading: Any, compiled, key, owner: Any = None):
-        self._program = program
-        self._leading = leading
-        self._compiled = compiled
-        self._key = key
-        self._owner = owner
-
-    def as_text(self, *args, **kwargs) -> str:
-        return self._compiled.as_text(*args, **kwargs)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _T:
-        key, dynamic = self._program.arguments(args, kwargs)
-        if key != self._key:
-            raise TypeError(
-                f"This compiled {self._program.name} was lowered for arguments with another "
-                "tree structure or other static (non-array) values than the ones it was "
-                "called with. Lower and compile again for these arguments, or call the "
-                "filter_jit function itself (which compiles as needed)."
-            )
-        with _equinox_errors.translated():
-            out = self._compiled(*self._program.head(self._leading), *dynamic)
-        return _rebuild_output(out, self._program.core)
-
-
 @overload
 def filter_jit(
-    *, donate: _Donate = "none", **jitkwargs: Any
+    *, donate: Donate = "none", **jitkwargs: Any
 ) -> Callable[[Callable[_P, _T]], JitFunction[_P, _T]]: ...
 
 
 @overload
 def filter_jit(
-    fun: Callable[_P, _T], *, donate: _Donate = "none", **jitkwargs: Any
+    fun: Callable[_P, _T], *, donate: Donate = "none", **jitkwargs: Any
 ) -> JitFunction[_P, _T]: ...
 
 
-def filter_jit(fun=None, *, donate: _Donate = "none", **jitkwargs):
+def filter_jit(fun=NO_FUNCTION, *, donate: Donate = "none", **jitkwargs):
     """An easier-to-use version of `jax.jit`. All JAX and NumPy arrays are traced, and
     all other types are held static.
 
@@ -712,26 +489,16 @@ def filter_jit(fun=None, *, donate: _Donate = "none", **jitkwargs):
         `filter_jit(donate="all-except-first")` and pass everything you don't want
         donated through the first argument (packed into a tuple if necessary).
     """
-    if donate not in _DONATE_MODES:
-        raise ValueError(
-            "`filter_jit(..., donate=...)` must be one of 'all', 'all-except-first', "
-            f"'warn', 'warn-except-first', or 'none'; got {donate!r}."
-        )
-    reserved = _RESERVED_JIT_KWARGS.intersection(jitkwargs)
-    if reserved:
-        raise ValueError(
-            f"filter_jit decides {sorted(reserved)} itself: arrays are traced, everything "
-            "else is static; use `donate=` for donation."
-        )
-    if fun is None:
+    check_options("filter_jit", donate, DONATE_MODES, jitkwargs, _RESERVED_JIT_KWARGS)
+    if fun is NO_FUNCTION:
         return functools.partial(filter_jit, donate=donate, **jitkwargs)
     if not callable(fun):
         raise TypeError(f"filter_jit expects a callable, got {type(fun).__name__}")
     core = _backend._core
     try:
-        leading, fun_key = core.partition(_callable_as_tree(fun))
+        leading, fun_key = core.flatten_split(callable_as_tree(fun))
     except UnhashableStaticError as err:
-        raise _renamed(err, ("fun",)) from err.__cause__
+        raise with_call_path(err, ("fun",)) from err.__cause__
     program = _PROGRAMS.get_or_create(
         _program_key(core, fun_key, donate, jitkwargs),
         lambda: _JitProgram(core, fun, fun_key, donate, jitkwargs),

@@ -10,13 +10,9 @@ from typing import Any
 import jax
 
 from . import _backend
+from ._compile_utils import has_shape_and_dtype, join_output, split_output
 
 __all__ = ["filter_make_jaxpr"]
-
-
-def _is_struct(leaf: Any) -> bool:
-    """Anything with `.shape` and `.dtype` (arrays, `jax.ShapeDtypeStruct`) is traced."""
-    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
 
 
 def _to_struct(leaf: Any) -> jax.ShapeDtypeStruct:
@@ -29,21 +25,16 @@ class _MakeJaxpr:
         functools.update_wrapper(self, fun)
 
     def __call__(self, /, *args, **kwargs):
-        dynamic, key = _backend.partition((args, kwargs), _is_struct, None, False)
-        side: list = []
+        dynamic, key = _backend.flatten_split((args, kwargs), has_shape_and_dtype, hashed=False)
 
         def traced(*leaves):
             call_args, call_kwargs = _backend.rebuild(key, list(leaves))
-            out = self._fun(*call_args, **call_kwargs)
-            out_dynamic, out_key = _backend.partition(out, None, None, False)
-            side.append(out_key)
-            return out_dynamic
+            return split_output(self._fun(*call_args, **call_kwargs))
 
-        # A fresh function per call: JAX never answers from a cache, so `side` is filled.
         structs = [_to_struct(leaf) for leaf in dynamic]
-        jaxpr, out_structs = jax.make_jaxpr(traced, return_shape=True)(*structs)
-        (out_key,) = side
-        dynamic_out = _backend.rebuild(out_key, out_structs, [None] * out_key.num_static)
+        jaxpr, out = jax.make_jaxpr(traced, return_shape=True)(*structs)
+        out_key = next(iter(out)).key
+        dynamic_out = join_output(out, statics=[None] * out_key.num_static)
         static_out = _backend.rebuild(out_key, [None] * out_key.num_dynamic)
         return jaxpr, dynamic_out, static_out
 

@@ -4,15 +4,18 @@ Same functions, same results and same errors as the pure-Python core; only faste
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Literal, final
+from typing import Any, Final, Literal, Self, final
+
+from typing_extensions import disjoint_base
 
 __all__ = [
     "BACKEND",
     "Dispatcher",
     "StaticKey",
     "is_array",
-    "partition",
+    "flatten_split",
     "rebuild",
+    "register_array_predicate",
     "tree_apply_updates",
     "tree_combine",
     "tree_filter",
@@ -28,7 +31,7 @@ class StaticKey:
 
     Holds the structure (node kinds, arities and node data in `jax.tree_util`'s post-order),
     the static leaves and which leaf positions are dynamic. Immutable; instances come only
-    from `partition`.
+    from `flatten_split`.
 
     Two keys are equal when their masks are equal, their static leaves have the same exact
     types and compare equal (identity first, then `==`), and their structures are equal as
@@ -64,8 +67,8 @@ class StaticKey:
         Raises what a static leaf's `__hash__` raises.
         """
 
-    def __eq__(self, other: object) -> bool: ...
-    def __ne__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    def __ne__(self, value: object, /) -> bool: ...
 
 def is_array(x: Any) -> bool:
     """True for JAX arrays (tracers included), NumPy arrays and NumPy scalars.
@@ -74,7 +77,7 @@ def is_array(x: Any) -> bool:
     per exact type.
     """
 
-def partition(
+def flatten_split(
     tree: Any,
     predicate: Callable[[Any], Any] | None = None,
     is_leaf: Callable[[Any], bool | None] | None = None,
@@ -104,11 +107,11 @@ def partition(
     """
 
 def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | None = None) -> Any:
-    """Inverse of `partition`: the tree with `dynamic` at the dynamic positions.
+    """Inverse of `flatten_split`: the tree with `dynamic` at the dynamic positions.
 
     **Arguments:**
 
-    - `key`: a `StaticKey` from `partition`.
+    - `key`: a `StaticKey` from `flatten_split`.
     - `dynamic`: `key.num_dynamic` leaves (any sized iterable; lists and tuples are read in
         place).
     - `statics`: if given, `key.num_static` leaves replacing the key's static leaves (e.g.
@@ -124,6 +127,7 @@ def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | Non
     `TypeError` if `key` is not a `StaticKey`; `ValueError` if a leaf count is wrong.
     """
 
+@disjoint_base
 class Dispatcher:
     """The per-call path of a `filter_jit` function (twin of `_pycore.Dispatcher`).
 
@@ -141,8 +145,8 @@ class Dispatcher:
     and weakrefs.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         plans: dict[Any, Any],
         programs: dict[Any, Any],
         identity_plan: Any,
@@ -151,13 +155,13 @@ class Dispatcher:
         leading: Any = None,
         fast: bool = True,
         on_error: Callable[[BaseException], BaseException | None] | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def leading(self) -> tuple[Any, ...]:
         """The wrapped function's array leaves, in `jax.tree_util` order."""
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any: ...
-    def __get__(self, instance: Any, owner: type | None = None) -> Any: ...
+    def __get__(self, instance: Any, owner: type | None = None, /) -> Any: ...
 
 def tree_partition(
     pytree: Any,
@@ -176,7 +180,7 @@ def tree_partition(
 
     **Raises:** `ValueError` naming the path for a filter_spec that is not a prefix of
     `pytree` or has a leaf that is neither a bool nor a callable; what a callable raises, with
-    a note naming the leaf; flatten errors as `partition` raises them.
+    a note naming the leaf; flatten errors as `flatten_split` raises them.
     """
 
 def tree_filter(
@@ -197,6 +201,14 @@ def tree_combine(
     leaf is the first non-None one among the trees, whose structure must match the first's
     up to its None leaves (which may stand for whole subtrees). `ValueError` naming the path
     otherwise; `TypeError` for no trees.
+    """
+
+def register_array_predicate(predicate: Callable[[Any], bool]) -> None:
+    """Make `predicate` a filter_spec the core answers with its own array test, without
+    calling it per leaf. It must answer exactly as `is_array` does. A later registration
+    replaces it.
+
+    **Raises:** `TypeError` if `predicate` is not callable.
     """
 
 def tree_apply_updates(model: Any, updates: Any) -> Any:

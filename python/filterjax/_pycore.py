@@ -24,11 +24,12 @@ from ._diagnose import (
     raise_structure_error,
 )
 from ._errors import static_equality_note, unhashable_static
+from ._plans import apply_plan
 
 __all__ = [
     "StaticKey",
     "Dispatcher",
-    "partition",
+    "flatten_split",
     "rebuild",
     "is_array",
     "BACKEND",
@@ -36,6 +37,7 @@ __all__ = [
     "tree_filter",
     "tree_combine",
     "tree_apply_updates",
+    "register_array_predicate",
 ]
 
 BACKEND = "python"
@@ -51,12 +53,12 @@ _tree_registry: Any = _jax_tree_util._registry
 _none_leaf_registry: Any = _jax_tree_util.none_leaf_registry
 
 
-def is_array(leaf: Any) -> bool:
+def is_array(x: Any) -> bool:
     """True for JAX arrays (tracers included), NumPy arrays and NumPy scalars."""
-    kind = type(leaf)
+    kind = type(x)
     known = _array_types.get(kind)
     if known is None:
-        known = _array_types[kind] = isinstance(leaf, _ARRAY_BASES)
+        known = _array_types[kind] = isinstance(x, _ARRAY_BASES)
     return known
 
 
@@ -146,7 +148,7 @@ def _flatten(tree: Any, is_leaf: Callable[[Any], bool] | None):
         raise_flatten_error(tree, is_leaf, err)
 
 
-def partition(
+def flatten_split(
     tree: Any,
     predicate: Callable[[Any], bool] | None = None,
     is_leaf: Callable[[Any], bool] | None = None,
@@ -204,7 +206,7 @@ def _raise_unhashable(tree, is_leaf, key: StaticKey, err: Exception):
 
 
 def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | None = None) -> Any:
-    """Inverse of `partition`: the tree with `dynamic` at the dynamic positions.
+    """Inverse of `flatten_split`: the tree with `dynamic` at the dynamic positions.
 
     `statics`, if given, replaces the key's static leaves (e.g. `[None] * key.num_static`
     to keep only the dynamic part).
@@ -280,7 +282,7 @@ class Dispatcher:
                 return self._fallback(self._leading, args, kwargs)
             tree = bound
         try:
-            dynamic, key = partition(tree)
+            dynamic, key = flatten_split(tree)
             program = self._programs.get(key)
         except Exception:
             # The fallback partitions again and raises the error with the call's names.
@@ -306,43 +308,31 @@ class Dispatcher:
         return MethodType(self, instance)
 
 
-def apply_plan(plan: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """`(args, kwargs)` bound by `plan = (argument sources, keyword sources)`, where a
-    source is a position in `args` or a name in `kwargs`; None if the call does not fit."""
-    if type(plan) is not tuple or len(plan) != 2:
-        return None
-    arg_sources, kw_sources = plan
-    try:
-        bound_args = tuple(
-            kwargs[source] if type(source) is str else args[source] for source in arg_sources
-        )
-        bound_kwargs = {
-            name: kwargs[source] if type(source) is str else args[source]
-            for name, source in kw_sources
-        }
-    except (KeyError, IndexError):
-        return None
-    return bound_args, bound_kwargs
-
-
 # --------------------------------------------------------------------------------------------
 # The filtering helpers: twins of the native `tree_partition`, `tree_filter`, `tree_combine`
 # and `tree_apply_updates` (the public `partition`, `filter`, `combine`, `apply_updates`)
 # --------------------------------------------------------------------------------------------
 
+# The public layer's array predicate (`filterjax.is_array`), registered by it at import
+# through `register_array_predicate`: the core imports nothing from the public layer.
 _public_is_array: Any = None
+
+
+def register_array_predicate(predicate: Callable[[Any], bool]) -> None:
+    """Make `predicate` a filter_spec the core answers with its own array test, without
+    calling it per leaf. It must answer exactly as `is_array` does. A later registration
+    replaces it."""
+    global _public_is_array
+    if not callable(predicate):
+        raise TypeError(
+            f"register_array_predicate expects a callable, got {type(predicate).__name__}"
+        )
+    _public_is_array = predicate
 
 
 def _is_array_predicate(spec: Any) -> bool:
     """Whether `spec` is `filterjax.is_array` (or Equinox's, which answers the same)."""
-    global _public_is_array
-    if spec is is_array:
-        return True
-    if _public_is_array is None:
-        from ._filters import is_array as public
-
-        _public_is_array = public
-    if spec is _public_is_array:
+    if spec is is_array or spec is _public_is_array:
         return True
     equinox = sys.modules.get("equinox")
     return equinox is not None and spec is getattr(equinox, "is_array", None)

@@ -49,7 +49,7 @@ def filter_shard(x: Any, device_or_shardings: Any) -> Any:
     """
     if isinstance(device_or_shardings, jax.Device):
         device_or_shardings = jax.sharding.SingleDeviceSharding(device_or_shardings)
-    dynamic, key = _backend.partition(x, None, None, False)
+    dynamic, key = _backend.flatten_split(x, hashed=False)
     if not dynamic:
         return x
     traced = any(isinstance(leaf, _Tracer) for leaf in dynamic)

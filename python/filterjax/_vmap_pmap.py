@@ -18,8 +18,6 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-import threading
-import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
@@ -29,22 +27,26 @@ import jax.tree_util as jtu
 import numpy as np
 
 from . import _backend, _caches, _equinox_errors, _explain
-from ._errors import UnhashableStaticError, format_path
-from ._filters import if_array
-from ._jit import (
+from ._compile_utils import (
     Compiled,
     Lowered,
-    _callable_as_tree,
-    _OutputSpec,
-    _rebuild_output,
-    _renamed,
-    _run_and_split_output,
+    OutputSpec,
+    SignatureTable,
+    call_donating,
+    callable_as_tree,
+    check_options,
+    join_output,
+    output_parts,
+    rebuild_output,
+    run_and_split_output,
+    split_output,
+    with_call_path,
 )
-from ._wrapper import Wrapper, callable_name, copy_metadata
+from ._errors import UnhashableStaticError, format_path
+from ._filters import if_array
+from ._wrapper import NO_FUNCTION, Wrapper, callable_name, copy_metadata
 
 __all__ = ["filter_vmap", "filter_pmap"]
-
-_UNUSED_DONATION = "Some donated buffers were not usable*"
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ def _check_no_kwargs(kwargs: dict, transform: str) -> None:
 
 
 def _require_mapped_axis(transform: str, any_mapped: bool, axis_size: int | None) -> None:
-    """[issue 11] Refuse, before JAX sees it, a call where nothing gives the axis size."""
+    """Refuse, before JAX sees it, a call where nothing gives the axis size."""
     if any_mapped or axis_size is not None:
         return
     raise ValueError(
@@ -221,7 +223,7 @@ def _unmapped_but_batched(err: ValueError, info: Any, uniform_out: bool) -> Valu
     unmapped = [
         i
         for i, (leaf, axis) in enumerate(zip(leaves, axes, strict=True))
-        if axis is None and _backend.is_array_fast(leaf)
+        if axis is None and leaf is _ARRAY_LEAF
     ]
     if target >= len(unmapped):
         return None
@@ -271,130 +273,160 @@ class _VmapWrapper(Wrapper):
         _check_no_kwargs(kwargs, "filter_vmap")
         if not self._derived:
             self._derive()
-        in_axes = self._in_axes
-        if type(in_axes) is dict:
-            in_axes = _named_in_axes(in_axes, self._names, len(args), self._name)
-
-        if self._uniform_in and in_axes is self._in_axes:
-            axis = self._in_axis
-            if axis is None:
-                mapped: list = []
-                key = None
-                all_leaves = None
-            else:
-                mapped, key = _backend.partition(args, None, None, False)
-                all_leaves = None
-            jax_in_axes: Any = axis
-        else:
-            all_leaves, key = _backend.partition(args, _always, None, False)
-            leaf_axes = _leaf_axes(in_axes, args, all_leaves, "in_axes")
-            mapped_index = [i for i, a in enumerate(leaf_axes) if a is not None]
-            mapped = [all_leaves[i] for i in mapped_index]
-            jax_in_axes = tuple(leaf_axes[i] for i in mapped_index)
-
-        def rebuild_args(tracers):
-            if key is None:
-                return args
-            if all_leaves is None:
-                return _backend.rebuild(key, list(tracers))
-            leaves = list(all_leaves)
-            for i, tracer in zip(mapped_index, tracers, strict=True):
-                leaves[i] = tracer
-            return _backend.rebuild(key, leaves)
-
-        side: list = []
-        entered = []
+        plan = self._plan(args)
+        _require_mapped_axis("filter_vmap", bool(plan.mapped), self._axis_size)
+        layouts: list = []  # the traced output's layout, read only to explain an error
+        fun, uniform_out, out_axes = self._fun, self._uniform_out, self._out_axes
 
         def vectorised(*tracers):
-            entered.append(True)
-            out = self._fun(*rebuild_args(tracers))
-            return self._split_output(out, side)
+            out = fun(*plan.arguments(tracers))
+            if uniform_out:
+                return split_output(out)
+            layout, mapped, unmapped = _layout_output(out, out_axes)
+            layouts.append(layout)
+            return mapped, unmapped, {OutputSpec(layout): ()}
 
-        _require_mapped_axis("filter_vmap", bool(mapped), self._axis_size)  # [issue 11]
-        jax_out_axes = self._out_axis if self._uniform_out else (0, None)
         try:
             out = jax.vmap(
                 vectorised,
-                in_axes=jax_in_axes,
-                out_axes=jax_out_axes,
+                in_axes=plan.in_axes,
+                out_axes=self._out_axis if uniform_out else (0, None, None),
                 axis_name=self._axis_name,
                 axis_size=self._axis_size,
                 **self._vmapkwargs,
-            )(*mapped)
+            )(*plan.mapped)
         # jax < 0.5 fails with an IndexError while wording its own size-mismatch message
         # for a function of `*args`: diagnosed like the ValueError newer releases raise.
         except (ValueError, TypeError, IndexError) as err:
-            if entered:
-                better = (
-                    isinstance(err, ValueError)
-                    and side
-                    and _unmapped_but_batched(err, side[0], self._uniform_out)
-                )
-                if better:
-                    raise better from err
-                raise
-            if all_leaves is None:
-                mask = _backend.partition(args, None, None, False)[1].mask
-                indices = [i for i, dynamic in enumerate(mask) if dynamic]
-                axes = [jax_in_axes] * len(mapped)
-            else:
-                indices, axes = mapped_index, list(jax_in_axes)
-            better = _diagnose_mapped_inputs(
-                "filter_vmap", args, indices, axes, mapped, self._axis_size
-            )
+            better = self._diagnose(err, args, plan, layouts)
             if better is None:
                 raise
             raise better from err
-        return self._join_output(side[0], out)
+        if uniform_out:
+            return join_output(out)
+        mapped, unmapped, carried = out
+        layout, _ = output_parts(carried)
+        return _join_output(layout, mapped, unmapped)
 
-    def _split_output(self, out: Any, side: list) -> Any:
-        """Inside the trace: return the arrays for JAX, keep everything else in `side`."""
-        if self._uniform_out:
-            dynamic, out_key = _backend.partition(out, None, None, False)
-            side.append(out_key)
-            return dynamic
-        leaves, out_key = _backend.partition(out, _always, None, False)
-        axes = _leaf_axes(self._out_axes, out, leaves, "out_axes")
-        mapped, unmapped = [], []
-        for leaf, axis in zip(leaves, axes, strict=True):
-            if axis is not None:
-                mapped.append(leaf)
-            elif _backend.is_array_fast(leaf):
-                unmapped.append(leaf)
-        side.append((out_key, leaves, axes))
-        return mapped, unmapped
+    def _plan(self, args: tuple) -> _VmapPlan:
+        """Which leaves of `args` JAX maps, and along which axes."""
+        in_axes = self._in_axes
+        if type(in_axes) is dict:
+            in_axes = _named_in_axes(in_axes, self._names, len(args), self._name)
+        if self._uniform_in and in_axes is self._in_axes:
+            axis = self._in_axis
+            if axis is None:
+                return _VmapPlan(args, None, [], axis)
+            mapped, key = _backend.flatten_split(args, hashed=False)
+            return _VmapPlan(args, key, mapped, axis)
+        all_leaves, key = _backend.flatten_split(args, _always, hashed=False)
+        leaf_axes = _leaf_axes(in_axes, args, all_leaves, "in_axes")
+        mapped_index = [i for i, a in enumerate(leaf_axes) if a is not None]
+        mapped = [all_leaves[i] for i in mapped_index]
+        jax_in_axes = tuple(leaf_axes[i] for i in mapped_index)
+        return _VmapPlan(args, key, mapped, jax_in_axes, all_leaves, mapped_index)
 
-    def _join_output(self, info: Any, vectorised_out: Any) -> Any:
-        if self._uniform_out:
-            return _backend.rebuild(info, vectorised_out)
-        out_key, leaves, axes = info
-        mapped, unmapped = vectorised_out
-        mapped_iter, unmapped_iter = iter(mapped), iter(unmapped)
-        paths = None
-        joined = []
-        for index, (leaf, axis) in enumerate(zip(leaves, axes, strict=True)):
-            if axis is not None:
-                value = next(mapped_iter)
-                ndim = np.ndim(value)
-                if not -ndim <= axis < ndim:
-                    if paths is None:
-                        paths = [
-                            format_path(tuple(p), "out")
-                            for p, _ in jtu.tree_flatten_with_path(
-                                _backend.rebuild(out_key, leaves)
-                            )[0]
-                        ]
-                    raise ValueError(
-                        f"filter_vmap: out_axes puts the mapped axis of the output at "
-                        f"{paths[index]} at position {axis}, which is out of range for its "
-                        f"batched shape {tuple(np.shape(value))}."
-                    )
-                joined.append(_moveaxis(value, axis))
-            elif _backend.is_array_fast(leaf):
-                joined.append(next(unmapped_iter))
-            else:
-                joined.append(leaf)
-        return _backend.rebuild(out_key, joined)
+    def _diagnose(
+        self, err: Exception, args: tuple, plan: _VmapPlan, layouts: list
+    ) -> ValueError | None:
+        """A clearer error than JAX's, naming the leaf at fault, or None."""
+        if plan.traced:
+            # JAX refused the output, or the function itself raised.
+            if isinstance(err, ValueError) and layouts:
+                return _unmapped_but_batched(err, layouts[0], self._uniform_out)
+            return None
+        if plan.all_leaves is None:
+            mask = _backend.flatten_split(args, hashed=False)[1].mask
+            indices = [i for i, dynamic in enumerate(mask) if dynamic]
+            axes = [plan.in_axes] * len(plan.mapped)
+        else:
+            indices, axes = plan.mapped_index, list(plan.in_axes)
+        return _diagnose_mapped_inputs(
+            "filter_vmap", args, indices, axes, plan.mapped, self._axis_size
+        )
+
+
+class _VmapPlan:
+    """One call's mapped leaves and their axes, and how to rebuild the arguments from
+    JAX's tracers."""
+
+    __slots__ = ("args", "key", "mapped", "in_axes", "all_leaves", "mapped_index", "traced")
+
+    def __init__(self, args, key, mapped, in_axes, all_leaves=None, mapped_index=None):
+        self.args = args
+        self.key = key
+        self.mapped = mapped
+        self.in_axes = in_axes
+        self.all_leaves = all_leaves
+        self.mapped_index = mapped_index
+        self.traced = False
+
+    def arguments(self, tracers: tuple) -> Any:
+        self.traced = True
+        if self.key is None:
+            return self.args
+        if self.all_leaves is None:
+            return _backend.rebuild(self.key, list(tracers))
+        leaves = list(self.all_leaves)
+        for i, tracer in zip(self.mapped_index, tracers, strict=True):
+            leaves[i] = tracer
+        return _backend.rebuild(self.key, leaves)
+
+
+class _NotStatic:
+    """Stands in a vmap output layout for an array leaf (the array goes through JAX)."""
+
+    __slots__ = ()
+
+
+_ARRAY_LEAF = _NotStatic()
+
+
+def _layout_output(out: Any, out_axes: Any) -> tuple[tuple, list, list]:
+    """Inside the trace: `(layout, mapped arrays, unmapped arrays)` of the output, the
+    layout being `(key, leaves with _ARRAY_LEAF for arrays, out axis per leaf)`."""
+    leaves, out_key = _backend.flatten_split(out, _always, hashed=False)
+    axes = _leaf_axes(out_axes, out, leaves, "out_axes")
+    mapped, unmapped, kept = [], [], []
+    for leaf, axis in zip(leaves, axes, strict=True):
+        if axis is not None:
+            mapped.append(leaf)
+            kept.append(_ARRAY_LEAF)
+        elif _backend.is_array_fast(leaf):
+            unmapped.append(leaf)
+            kept.append(_ARRAY_LEAF)
+        else:
+            kept.append(leaf)
+    return (out_key, kept, axes), mapped, unmapped
+
+
+def _join_output(layout: tuple, mapped: list, unmapped: list) -> Any:
+    """The output from its layout and the mapped and unmapped arrays JAX returned."""
+    out_key, leaves, axes = layout
+    mapped_iter, unmapped_iter = iter(mapped), iter(unmapped)
+    paths = None
+    joined = []
+    for index, (leaf, axis) in enumerate(zip(leaves, axes, strict=True)):
+        if axis is not None:
+            value = next(mapped_iter)
+            ndim = np.ndim(value)
+            if not -ndim <= axis < ndim:
+                if paths is None:
+                    paths = [
+                        format_path(tuple(p), "out")
+                        for p, _ in jtu.tree_flatten_with_path(_backend.rebuild(out_key, leaves))[0]
+                    ]
+                raise ValueError(
+                    f"filter_vmap: out_axes puts the mapped axis of the output at "
+                    f"{paths[index]} at position {axis}, which is out of range for its "
+                    f"batched shape {tuple(np.shape(value))}."
+                )
+            joined.append(_moveaxis(value, axis))
+        elif leaf is _ARRAY_LEAF:
+            joined.append(next(unmapped_iter))
+        else:
+            joined.append(leaf)
+    return _backend.rebuild(out_key, joined)
 
 
 _P = ParamSpec("_P")
@@ -425,7 +457,7 @@ def filter_vmap(
 
 
 def filter_vmap(
-    fun=None,
+    fun=NO_FUNCTION,
     *,
     in_axes: Any = if_array(0),
     out_axes: Any = if_array(0),
@@ -512,7 +544,7 @@ def filter_vmap(
 
         ```
     """
-    if fun is None:
+    if fun is NO_FUNCTION:
         return functools.partial(
             filter_vmap,
             in_axes=in_axes,
@@ -528,14 +560,6 @@ def filter_vmap(
 
 # ---------------------------------------------------------------------------------------
 # filter_pmap
-
-
-class _MoreOutputGroups(Exception):
-    """Raised from inside a trace: the output needs more per-axis groups than provided."""
-
-    def __init__(self, needed: int):
-        super().__init__(needed)
-        self.needed = needed
 
 
 def _normalise_out_axis(axis: int, leaf: Any) -> int:
@@ -582,28 +606,60 @@ class _PmapProgram:
         self.uniform_out, self.out_axis = _uniform_axis(out_axes)
         self.silence_unused_donation = donate == "all"
         self.dummy = None if axis_size is None else np.zeros(axis_size, np.int8)
-        self.lock = threading.RLock()  # a static leaf's __eq__ may call back in
+        self.table = SignatureTable()
         self.records = _explain.Records()  # signatures of the traces, for explanations
-        self._clear_cache()
         _caches.register_owner(self)
 
     def _clear_cache(self) -> None:
-        # One jax.pmap per static signature, looked up by the call's StaticKey alone on the
-        # fast path (uniform axes), else by (key, per-leaf input axes, output groups).
-        self.pmapped: dict = {}
-        self.groups = 4
+        self.table.clear()
         self.records.clear()
 
-    def pmap_for(self, cache_key, key, leaf_axes: tuple | None, groups: int):
-        pmapped = self.pmapped.get(cache_key)
-        if pmapped is not None:
-            return pmapped
-        with self.lock:
-            pmapped = self.pmapped.get(cache_key)
-            if pmapped is None:
-                pmapped = self._make_pmap(key, leaf_axes, groups)
-                _caches.bounded_insert(self.pmapped, cache_key, pmapped)
-        return pmapped
+    def pmap_for(self, key, leaf_axes: tuple | None, fun_dynamic, dynamic):
+        """The `jax.pmap` for a call: one per static signature, found by the call's
+        StaticKey alone with uniform axes, else by the per-leaf input axes too, and, when
+        the output is split by out axis, by the arrays' shapes and dtypes (which decide
+        the output's ranks, and so its layout)."""
+        if self.uniform_out:
+            cache_key = key if leaf_axes is None else (key, leaf_axes)
+            return self.table.get_or_make(cache_key, lambda: self._make_pmap(key, leaf_axes, 0))
+        cache_key = (key, leaf_axes, _shapes(fun_dynamic), _shapes(dynamic))
+        return self.table.get_or_make(
+            cache_key,
+            lambda: self._make_pmap(
+                key, leaf_axes, self._output_groups(key, leaf_axes, fun_dynamic, dynamic)
+            ),
+        )
+
+    def _in_axes(self, leaf_axes: tuple | None) -> tuple:
+        return ((None, self.in_axis if leaf_axes is None else leaf_axes, 0),)
+
+    def _output_groups(self, key, leaf_axes: tuple | None, fun_dynamic, dynamic) -> int:
+        """How many per-axis groups the output needs: one per non-negative out axis up to
+        the largest, found by an abstract pass (`jax.eval_shape` of the function mapped
+        as `jax.pmap` will map it) before the pmap is built."""
+        core, fun_key, out_axes = self.core, self.fun_key, self.out_axes
+
+        def largest_axis(leaves):
+            fun_dynamic, dynamic, _ = leaves
+            fun = core.rebuild(fun_key, fun_dynamic)
+            out = fun(*core.rebuild(key, list(dynamic)))
+            leaves, _ = core.flatten_split(out, _always, hashed=False)
+            axes = _leaf_axes(out_axes, out, leaves, "out_axes")
+            normalised = [
+                _normalise_out_axis(axis, leaf)
+                for leaf, axis in zip(leaves, axes, strict=True)
+                if axis is not None
+            ]
+            return {OutputSpec(max(normalised, default=-1)): ()}
+
+        mapped = jax.vmap(
+            largest_axis,
+            in_axes=self._in_axes(leaf_axes),
+            axis_name=self.axis_name,
+            axis_size=self.axis_size,
+        )
+        largest, _ = output_parts(jax.eval_shape(mapped, (fun_dynamic, dynamic, self.dummy)))
+        return largest + 1
 
     def _make_pmap(self, key, leaf_axes: tuple | None, groups: int):
         core, fun_key, records = self.core, self.fun_key, self.records
@@ -618,17 +674,16 @@ class _PmapProgram:
             # Runs only when JAX traces (a new program): recorded whether or not explained.
             _explain.on_trace(records, "filter_pmap", core, fun, args, {})
             if uniform_out:
-                return _run_and_split_output(fun, args, {}, core)
+                return run_and_split_output(fun, args, {}, core)
             _equinox_errors.fresh_stacks()
             return _group_output(core, fun(*args), out_axes, groups)
 
         parallelised.__name__ = parallelised.__qualname__ = self.name
-        dynamic_axes = self.in_axis if leaf_axes is None else leaf_axes
         pmap_out_axes: Any = self.out_axis if uniform_out else (None, *range(groups), None)
         return jax.pmap(
             parallelised,
             axis_name=self.axis_name,
-            in_axes=((None, dynamic_axes, 0),),
+            in_axes=self._in_axes(leaf_axes),
             out_axes=pmap_out_axes,
             axis_size=self.axis_size,
             donate_argnums=() if self.donate == "none" else (0,),
@@ -638,12 +693,9 @@ class _PmapProgram:
     def run(self, pmapped, fun_dynamic, dynamic):
         watching = _equinox_errors.watching()  # before dispatch: it silences callback logs
         with _equinox_errors.translated():
-            if self.silence_unused_donation:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
-                    out = pmapped((fun_dynamic, dynamic, self.dummy))
-            else:
-                out = pmapped((fun_dynamic, dynamic, self.dummy))
+            out = call_donating(
+                self.silence_unused_donation, pmapped, (fun_dynamic, dynamic, self.dummy)
+            )
             if watching:
                 # Devices run asynchronously: wait, so that a failed `eqx.error_if` is
                 # raised by this call rather than when `out` is used.
@@ -656,7 +708,7 @@ class _PmapProgram:
 
     def finish(self, out):
         if self.uniform_out:
-            return _rebuild_output(out, self.core)
+            return rebuild_output(out, self.core)
         return _ungroup_output(self.core, out)
 
 
@@ -687,7 +739,7 @@ _PMAP_PROGRAMS = _caches.ProgramCache()
 
 def _pmap_program_key(core, fun_key, in_axes, out_axes, axis_name, axis_size, donate, kwargs):
     try:
-        _, axes_key = core.partition((in_axes, out_axes), _never)
+        _, axes_key = core.flatten_split((in_axes, out_axes), _never)
         options = tuple(sorted(kwargs.items()))
     except Exception:
         return [fun_key]  # unhashable: not shared
@@ -748,9 +800,9 @@ class _PmapWrapper(Wrapper):
         if state is None:
             core = _backend._core
             try:
-                fun_dynamic, fun_key = core.partition(_callable_as_tree(self._fun))
+                fun_dynamic, fun_key = core.flatten_split(callable_as_tree(self._fun))
             except UnhashableStaticError as err:
-                raise _renamed(err, ("fun",)) from err.__cause__
+                raise with_call_path(err, ("fun",)) from err.__cause__
             options = (
                 self._in_axes,
                 self._out_axes,
@@ -773,32 +825,23 @@ class _PmapWrapper(Wrapper):
         if type(in_axes) is dict:
             in_axes = _named_in_axes(in_axes, self._names, len(args), program.name)
         try:
-            dynamic, key = program.core.partition(args)
+            dynamic, key = program.core.flatten_split(args)
         except UnhashableStaticError as err:
-            raise _renamed(err, ("args",)) from err.__cause__
+            raise with_call_path(err, ("args",)) from err.__cause__
         if program.uniform_in and in_axes is self._in_axes:
             return key, None, dynamic
-        leaves, _ = program.core.partition(args, _always, None, False)
+        leaves, _ = program.core.flatten_split(args, _always, hashed=False)
         axes = _leaf_axes(in_axes, args, leaves, "in_axes")
         leaf_axes = tuple(a for a, m in zip(axes, key.mask, strict=True) if m)
         return key, leaf_axes, tuple(dynamic)
-
-    def _pmapped_for(self, program, key, leaf_axes, groups):
-        cache_key = key if leaf_axes is None and groups == 4 else (key, leaf_axes, groups)
-        return program.pmap_for(cache_key, key, leaf_axes, groups)
 
     def __call__(self, /, *args, **kwargs):
         _check_no_kwargs(kwargs, "filter_pmap")
         program, fun_dynamic = self._ready()
         key, leaf_axes, dynamic = self._call_args(program, args)
         self._require_mapped(program, leaf_axes, dynamic)
-        groups = program.groups
-        pmapped = self._pmapped_for(program, key, leaf_axes, groups)
         try:
-            out = program.run(pmapped, fun_dynamic, dynamic)
-        except _MoreOutputGroups as more:
-            program.groups = groups = max(program.groups, more.needed)
-            pmapped = self._pmapped_for(program, key, leaf_axes, groups)
+            pmapped = program.pmap_for(key, leaf_axes, fun_dynamic, dynamic)
             out = program.run(pmapped, fun_dynamic, dynamic)
         except (ValueError, IndexError) as err:  # jax.pmap: IndexError for a missing axis
             better = self._diagnose(program, args, key, leaf_axes, dynamic)
@@ -819,13 +862,9 @@ class _PmapWrapper(Wrapper):
         program, fun_dynamic = self._ready()
         key, leaf_axes, dynamic = self._call_args(program, args)
         self._require_mapped(program, leaf_axes, dynamic)
-        groups = program.groups
         flat = (fun_dynamic, dynamic, program.dummy)
         try:
-            lowered = self._pmapped_for(program, key, leaf_axes, groups).lower(flat)
-        except _MoreOutputGroups as more:
-            program.groups = groups = max(program.groups, more.needed)
-            lowered = self._pmapped_for(program, key, leaf_axes, groups).lower(flat)
+            lowered = program.pmap_for(key, leaf_axes, fun_dynamic, dynamic).lower(flat)
         except (ValueError, IndexError) as err:
             better = self._diagnose(program, args, key, leaf_axes, dynamic)
             if better is None:
@@ -892,9 +931,13 @@ class _GroupedOutput:
         self.placement = placement
 
 
+def _shapes(leaves: Sequence) -> tuple:
+    return tuple((np.shape(leaf), getattr(leaf, "dtype", None)) for leaf in leaves)
+
+
 def _group_output(core: Any, out: Any, out_axes: Any, groups: int) -> tuple:
     """Inside the trace: split the output into one list per (non-negative) out axis."""
-    leaves, out_key = core.partition(out, _always, None, False)
+    leaves, out_key = core.flatten_split(out, _always, hashed=False)
     axes = _leaf_axes(out_axes, out, leaves, "out_axes")
     by_axis: list[list] = [[] for _ in range(groups)]
     unmapped: list = []
@@ -902,8 +945,8 @@ def _group_output(core: Any, out: Any, out_axes: Any, groups: int) -> tuple:
     for leaf, axis in zip(leaves, axes, strict=True):
         if axis is not None:
             axis = _normalise_out_axis(axis, leaf)
-            if axis >= groups:
-                raise _MoreOutputGroups(max(axis + 1, 2 * groups))
+            if axis >= groups:  # the abstract pass saw every output leaf of this trace
+                raise AssertionError(f"filter_pmap: out axis {axis} beyond the {groups} planned")
             placement.append((axis, len(by_axis[axis])))
             by_axis[axis].append(leaf)
         elif _backend.is_array_fast(leaf):
@@ -911,7 +954,7 @@ def _group_output(core: Any, out: Any, out_axes: Any, groups: int) -> tuple:
             unmapped.append(leaf)
         else:
             placement.append((None, leaf))
-    spec = {_OutputSpec(_GroupedOutput(out_key, tuple(placement))): ()}
+    spec = {OutputSpec(_GroupedOutput(out_key, tuple(placement))): ()}
     return (spec, *by_axis, unmapped)
 
 
@@ -925,6 +968,7 @@ def _ungroup_output(core: Any, out: tuple) -> Any:
     return core.rebuild(grouped.key, leaves)
 
 
+_PMAP_DONATE_MODES = ("all", "warn", "none")
 _RESERVED_PMAP_KWARGS = frozenset({"static_broadcasted_argnums", "donate_argnums"})
 
 
@@ -954,7 +998,7 @@ def filter_pmap(
 
 
 def filter_pmap(
-    fun=None,
+    fun=NO_FUNCTION,
     *,
     in_axes: Any = if_array(0),
     out_axes: Any = if_array(0),
@@ -1025,18 +1069,8 @@ def filter_pmap(
 
         ```
     """
-    if donate not in ("all", "warn", "none"):
-        raise ValueError(
-            f"`filter_pmap(..., donate=...)` must be one of 'all', 'warn', or 'none'; "
-            f"got {donate!r}."
-        )
-    reserved = _RESERVED_PMAP_KWARGS.intersection(pmapkwargs)
-    if reserved:
-        raise ValueError(
-            f"filter_pmap decides {sorted(reserved)} itself: arrays are traced, everything "
-            "else is static; use `donate=` for donation."
-        )
-    if fun is None:
+    check_options("filter_pmap", donate, _PMAP_DONATE_MODES, pmapkwargs, _RESERVED_PMAP_KWARGS)
+    if fun is NO_FUNCTION:
         return functools.partial(
             filter_pmap,
             in_axes=in_axes,

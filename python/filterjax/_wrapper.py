@@ -27,6 +27,19 @@ __all__ = [
 ]
 
 
+class _NoFunction:
+    """The default of a transform's `fun`: called without one, a transform returns a
+    decorator taking the function (`@filter_jit(donate="all")`)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<no function given>"
+
+
+NO_FUNCTION: Any = _NoFunction()
+
+
 def callable_name(fun: Any) -> str:
     name = getattr(fun, "__name__", None)
     return name if isinstance(name, str) else type(fun).__name__
