@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import helpers
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -995,19 +996,10 @@ CAMPAIGNS = {
 # The tests: one child interpreter per campaign
 
 
-def _native_available() -> bool:
-    try:
-        import filterjax._native  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.single_backend
 @pytest.mark.parametrize("campaign", sorted(CAMPAIGNS))
 def test_fuzz_native_against_python(campaign):
-    if not _native_available():
-        pytest.skip("filterjax._native is not built")
+    helpers.native_core()
     import filterjax
 
     scale = float(os.environ.get("FILTERJAX_FUZZ_SCALE", "1"))
