@@ -476,7 +476,7 @@ class _JitProgram:
             lowered = jitted.lower(*self.head(leading), *dynamic)
         except _nnx.Reroute:
             _nnx.forget(self, key)
-            raise _nnx.lower_error(self) from None
+            raise _nnx.lower_error(self.qualname) from None
         return Lowered(self, leading, lowered, key)
 
 

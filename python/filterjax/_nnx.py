@@ -35,7 +35,22 @@ import jax.tree_util as jtu
 
 from ._errors import rename_root
 
-__all__ = ["NnxKey", "NnxPlan", "Reroute", "call", "forget", "refuse", "reroute", "routed"]
+__all__ = [
+    "NnxKey",
+    "NnxPlan",
+    "Reroute",
+    "call",
+    "check_pmap_call",
+    "collector",
+    "forget",
+    "lower_error",
+    "refuse",
+    "reroute",
+    "routed",
+    "runner",
+    "stepper",
+    "write_back",
+]
 
 _FLAX_NNX = "flax.nnx"
 
@@ -86,7 +101,7 @@ def _kind(kind: type) -> int:
     return known
 
 
-def _collector(found: list) -> Callable[[Any], bool]:
+def collector(found: list) -> Callable[[Any], bool]:
     """An `is_leaf` that appends every Variable it is shown to `found` and stops nothing:
     the flatten, its leaves and its key are those of a flatten without it."""
     kinds = _kinds
@@ -111,7 +126,7 @@ def _scan(tree: Any) -> tuple[list, list]:
     """(the Variables of `tree` in flatten order, its leaves that are NNX objects JAX does
     not flatten, such as Modules made with `pytree=False`)."""
     variables: list = []
-    leaves = jtu.tree_leaves(tree, is_leaf=_collector(variables))
+    leaves = jtu.tree_leaves(tree, is_leaf=collector(variables))
     return variables, [leaf for leaf in leaves if _kind(type(leaf))]
 
 
@@ -205,17 +220,17 @@ def reroute(program: Any, key: Any, leading: tuple, args: tuple, kwargs: dict) -
 def call(program: Any, leading: tuple, args: tuple, kwargs: dict) -> Any:
     """A call of a `filter_jit` program whose arguments hold NNX objects."""
     variables: list = []
-    key, dynamic = program.arguments(args, kwargs, _collector(variables))
+    key, dynamic = program.arguments(args, kwargs, collector(variables))
     if len(variables) > 1 and len(set(map(id, variables))) != len(variables):
-        raise _aliased(program, args, kwargs)
+        raise _aliased(program.qualname, args, kwargs)
     jitted = program.program_for(NnxKey(key), args, kwargs)
     out, changed, values = program.finish(program.run(jitted, leading, dynamic))
     if changed:
-        _write_back(variables, changed, values)
+        write_back(variables, changed, values)
     return out
 
 
-def _write_back(variables: list, changed: tuple, values: list) -> None:
+def write_back(variables: list, changed: tuple, values: list) -> None:
     flax = _nnx()
     trace = flax.current_trace()
     set_attribute = object.__setattr__
@@ -233,20 +248,20 @@ def _write_back(variables: list, changed: tuple, values: list) -> None:
         set_attribute(variable, "_raw_value", value)
 
 
-def _aliased(program: Any, args: tuple, kwargs: dict) -> ValueError:
+def _aliased(name: str, args: tuple, kwargs: dict) -> ValueError:
     seen: dict[int, str] = {}
     for path, variable in _variable_paths((args, kwargs), ("args", "kwargs")):
         first = seen.setdefault(id(variable), path)
         if first != path:
             return ValueError(
-                f"{program.qualname}: the same {type(variable).__name__} is reached at "
-                f"{first} and at {path}. filter_jit flattens its arguments as PyTrees, so "
+                f"{name}: the same {type(variable).__name__} is reached at "
+                f"{first} and at {path}. filterjax flattens arguments as PyTrees, so "
                 "inside the function each path would hold its own copy and their updates "
                 "could not be carried back to one Variable. Pass each Variable once (drop "
                 "the duplicate argument, or untie the shared Variable), or use nnx.jit, "
-                "which keeps shared references."
+                "(or nnx.pmap), which keeps shared references."
             )
-    return ValueError(f"{program.qualname}: an NNX Variable is reached twice in the arguments.")
+    return ValueError(f"{name}: an NNX Variable is reached twice in the arguments.")
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,39 +306,48 @@ def runner(program: Any, key: Any, run_and_split_output: Callable) -> tuple[Any,
     name = program.qualname
 
     def run_nnx(fun: Any, args: tuple, kwargs: dict, core: Any) -> Any:
-        _check_function(fun)
-        tree = (args, kwargs)
-        variables, static = _scan(tree)
-        if static:
-            raise _not_a_pytree(name, tree, static[0])
-        for variable in variables:
-            metadata = variable._var_metadata
-            if metadata.get("ref") or metadata.get("hijax"):
-                raise TypeError(
-                    f"{name}: a {type(variable).__name__} made with ref=True or hijax=True "
-                    "was passed to filter_jit, which carries Variables' values, not "
-                    "references. Make it with ref=False and hijax=False, or use nnx.jit."
-                )
-        structure = jtu.tree_structure(tree, is_leaf=_is_variable)
-        before = [variable.get_raw_value() for variable in variables]
-        metadata_before = [dict(variable._var_metadata) for variable in variables]
-
-        def stepped(*args: Any, **kwargs: Any) -> Any:
-            out = fun(*args, **kwargs)
-            _check_unchanged(name, tree, structure, variables, metadata_before)
-            if keep_all:  # donated buffers: every Variable needs its new array
-                changed = tuple(range(len(variables)))
-            else:
-                changed = tuple(
-                    index
-                    for index, (variable, old) in enumerate(zip(variables, before, strict=True))
-                    if variable.get_raw_value() is not old
-                )
-            return out, changed, [variables[index].get_raw_value() for index in changed]
-
-        return run_and_split_output(stepped, args, kwargs, core)
+        return run_and_split_output(stepper(name, keep_all, fun, args, kwargs), args, kwargs, core)
 
     return key.key, run_nnx
+
+
+def stepper(name: str, keep_all: bool, fun: Any, args: tuple, kwargs: dict) -> Callable:
+    """At trace time: `fun` made to return `(out, changed, values)`, where `changed` are the
+    positions (in flatten order) of the arguments' Variables whose value it changed and
+    `values` their new values; `keep_all` returns every Variable's (for donated buffers).
+    Raises if the arguments hold NNX objects it cannot carry back, or if `fun` changes
+    their structure."""
+    _check_function(fun)
+    tree = (args, kwargs)
+    variables, static = _scan(tree)
+    if static:
+        raise _not_a_pytree(name, tree, static[0])
+    for variable in variables:
+        metadata = variable._var_metadata
+        if metadata.get("ref") or metadata.get("hijax"):
+            raise TypeError(
+                f"{name}: a {type(variable).__name__} made with ref=True or hijax=True "
+                "was passed to a filterjax transformation, which carries Variables' values, "
+                "not references. Make it with ref=False and hijax=False, or use nnx.jit."
+            )
+    structure = jtu.tree_structure(tree, is_leaf=_is_variable)
+    before = [variable.get_raw_value() for variable in variables]
+    metadata_before = [dict(variable._var_metadata) for variable in variables]
+
+    def stepped(*args: Any, **kwargs: Any) -> Any:
+        out = fun(*args, **kwargs)
+        _check_unchanged(name, tree, structure, variables, metadata_before)
+        if keep_all:  # donated buffers: every Variable needs its new array
+            changed = tuple(range(len(variables)))
+        else:
+            changed = tuple(
+                index
+                for index, (variable, old) in enumerate(zip(variables, before, strict=True))
+                if variable.get_raw_value() is not old
+            )
+        return out, changed, [variables[index].get_raw_value() for index in changed]
+
+    return stepped
 
 
 def _not_a_pytree(name: str, tree: Any, obj: Any) -> TypeError:
@@ -368,9 +392,22 @@ def _check_unchanged(
         )
 
 
-def lower_error(program: Any) -> TypeError:
+def check_pmap_call(name: str, args: tuple, variables: list, leaf_axes: Any) -> None:
+    """Per call of a filter_pmap function holding NNX Variables."""
+    if len(variables) > 1 and len(set(map(id, variables))) != len(variables):
+        raise _aliased(name, args, {})
+    if leaf_axes is not None:
+        raise ValueError(
+            f"{name}: filter_pmap carries NNX Variables' updates back along the axis their "
+            "values were mapped over, so it needs one `in_axes` for every array (the "
+            "default, 0, or None). Pass the arrays that need another axis through a "
+            "separate filter_pmap, or use nnx.pmap."
+        )
+
+
+def lower_error(name: str) -> TypeError:
     return TypeError(
-        f"{program.qualname}.lower(...): the arguments hold NNX objects, whose in-place "
+        f"{name}.lower(...): the arguments hold NNX objects, whose in-place "
         "updates a lowered program could not carry back. Call the filter_jit function "
         "itself, or lower nnx.jit(...)."
     )

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from . import _backend, _caches, _equinox_errors, _explain
+from . import _backend, _caches, _equinox_errors, _explain, _nnx
 from ._errors import UnhashableStaticError, format_path
 from ._filters import if_array
 from ._jit import (
@@ -563,6 +563,10 @@ class _PmapProgram:
     one `jax.pmap` per static signature of the arguments, shared by every wrapper around
     an equal function. Bound to the core it was made with."""
 
+    # Set once a call holding Flax NNX objects was seen: from then on every call collects
+    # its Variables and every program returns their updates (see `filterjax._nnx`).
+    routes_nnx = False
+
     def __init__(
         self, core, fun_key, name, in_axes, out_axes, axis_name, axis_size, donate, pmapkwargs
     ):
@@ -603,7 +607,12 @@ class _PmapProgram:
 
     def _make_pmap(self, key, leaf_axes: tuple | None, groups: int):
         core, fun_key = self.core, self.fun_key
-        uniform_out, out_axes = self.uniform_out, self.out_axes
+        out_axes = self.out_axes
+        # NNX programs return `(out, changed, new values)`, the values along the input axis.
+        nnx = self.routes_nnx
+        uniform_out = self.uniform_out and not nnx
+        if nnx:
+            out_axes = (out_axes, None, if_array(self.in_axis))
 
         def parallelised(leaves):
             # Where the stack of an `eqx.error_if` ends (see `_equinox_errors`).
@@ -613,6 +622,10 @@ class _PmapProgram:
             args = core.rebuild(key, list(dynamic))
             if _explain.enabled:  # runs only when JAX traces: a new program
                 _explain.on_trace("filter_pmap", core, fun, args, {})
+            if nnx:
+                fun = _nnx.stepper(self.name, self.donate != "none", fun, args, {})
+            else:
+                _nnx.refuse(fun, args, {})
             if uniform_out:
                 return _run_and_split_output(fun, args, {}, core)
             return _group_output(core, fun(*args), out_axes, groups)
@@ -645,7 +658,7 @@ class _PmapProgram:
         return out
 
     def finish(self, out):
-        if self.uniform_out:
+        if self.uniform_out and not self.routes_nnx:
             return _rebuild_output(out, self.core)
         return _ungroup_output(self.core, out)
 
@@ -736,13 +749,17 @@ class _PmapWrapper(Wrapper):
             state = self._state = (program, fun_dynamic)
         return state
 
-    def _call_args(self, program: _PmapProgram, args: tuple) -> tuple[Any, tuple | None, Sequence]:
-        """(StaticKey, per-leaf axes or None if uniform, dynamic leaves) for a call."""
+    def _call_args(
+        self, program: _PmapProgram, args: tuple, variables: list | None = None
+    ) -> tuple[Any, tuple | None, Sequence]:
+        """(StaticKey, per-leaf axes or None if uniform, dynamic leaves) for a call; the
+        NNX Variables of `args` appended to `variables` if given."""
         in_axes = self._in_axes
         if type(in_axes) is dict:
             in_axes = _named_in_axes(in_axes, self._names, len(args), program.name)
         try:
-            dynamic, key = program.core.partition(args)
+            is_leaf = None if variables is None else _nnx.collector(variables)
+            dynamic, key = program.core.partition(args, None, is_leaf)
         except UnhashableStaticError as err:
             raise _renamed(err, ("args",)) from err.__cause__
         if program.uniform_in and in_axes is self._in_axes:
@@ -759,7 +776,10 @@ class _PmapWrapper(Wrapper):
     def __call__(self, /, *args, **kwargs):
         _check_no_kwargs(kwargs, "filter_pmap")
         program, fun_dynamic = self._ready()
-        key, leaf_axes, dynamic = self._call_args(program, args)
+        variables = [] if program.routes_nnx else None
+        key, leaf_axes, dynamic = self._call_args(program, args, variables)
+        if variables:
+            _nnx.check_pmap_call(program.name, args, variables, leaf_axes)
         self._require_mapped(program, leaf_axes, dynamic)
         groups = program.groups
         pmapped = self._pmapped_for(program, key, leaf_axes, groups)
@@ -769,12 +789,23 @@ class _PmapWrapper(Wrapper):
             program.groups = groups = max(program.groups, more.needed)
             pmapped = self._pmapped_for(program, key, leaf_axes, groups)
             out = program.run(pmapped, fun_dynamic, dynamic)
+        except _nnx.Reroute:
+            # NNX objects in the arguments: every program of this function must now return
+            # their updates, so the ordinary ones made so far are dropped.
+            program.routes_nnx = True
+            program.pmapped.clear()
+            return self(*args)
         except ValueError as err:
             better = self._diagnose(program, args, key, leaf_axes, dynamic)
             if better is None:
                 raise
             raise better from err
-        return program.finish(out)
+        if variables is None:
+            return program.finish(out)
+        out, changed, values = program.finish(out)
+        if changed:
+            _nnx.write_back(variables, changed, values)
+        return out
 
     def lower(self, /, *args, **kwargs) -> _PmapLowered:
         """Lower for these arguments (ahead-of-time compilation).
@@ -786,12 +817,17 @@ class _PmapWrapper(Wrapper):
         """
         _check_no_kwargs(kwargs, "filter_pmap")
         program, fun_dynamic = self._ready()
+        if program.routes_nnx:
+            raise _nnx.lower_error(program.name)
         key, leaf_axes, dynamic = self._call_args(program, args)
         self._require_mapped(program, leaf_axes, dynamic)
         groups = program.groups
         flat = (fun_dynamic, dynamic, program.dummy)
         try:
             lowered = self._pmapped_for(program, key, leaf_axes, groups).lower(flat)
+        except _nnx.Reroute:
+            program.pmapped.pop(key, None)
+            raise _nnx.lower_error(program.name) from None
         except _MoreOutputGroups as more:
             program.groups = groups = max(program.groups, more.needed)
             lowered = self._pmapped_for(program, key, leaf_axes, groups).lower(flat)
