@@ -612,7 +612,8 @@ class _PmapProgram:
         nnx = self.routes_nnx
         uniform_out = self.uniform_out and not nnx
         if nnx:
-            out_axes = (out_axes, None, if_array(self.in_axis))
+            in_axis = self.in_axis
+            out_axes = (out_axes, None, None if in_axis is None else if_array(in_axis))
 
         def parallelised(leaves):
             # Where the stack of an `eqx.error_if` ends (see `_equinox_errors`).
@@ -776,7 +777,7 @@ class _PmapWrapper(Wrapper):
     def __call__(self, /, *args, **kwargs):
         _check_no_kwargs(kwargs, "filter_pmap")
         program, fun_dynamic = self._ready()
-        variables = [] if program.routes_nnx else None
+        variables: list | None = [] if program.routes_nnx else None
         key, leaf_axes, dynamic = self._call_args(program, args, variables)
         if variables:
             _nnx.check_pmap_call(program.name, args, variables, leaf_axes)
