@@ -34,10 +34,10 @@ import filterjax as fj  # noqa: E402
 
 class Net(nnx.Module):
     def __init__(self, rngs):
-        self.linear1 = nnx.Linear(8, 32, rngs=rngs)
-        self.norm = nnx.BatchNorm(32, rngs=rngs)
+        self.linear1 = nnx.Linear(4, 8, rngs=rngs)
+        self.norm = nnx.BatchNorm(8, rngs=rngs)
         self.dropout = nnx.Dropout(0.1, rngs=rngs)
-        self.linear2 = nnx.Linear(32, 4, rngs=rngs)
+        self.linear2 = nnx.Linear(8, 2, rngs=rngs)
 
     def __call__(self, x):
         return self.linear2(self.dropout(nnx.relu(self.norm(self.linear1(x)))))
@@ -59,8 +59,8 @@ def _setup():
     return model, optimizer
 
 
-X = jnp.ones((16, 8))
-Y = jnp.zeros((16, 4))
+X = jnp.ones((8, 4))
+Y = jnp.zeros((8, 2))
 
 
 def contenders() -> dict[str, Callable[[], object]]:

@@ -233,13 +233,17 @@ def call(program: Any, leading: tuple, args: tuple, kwargs: dict) -> Any:
 def write_back(variables: list, changed: tuple, values: list) -> None:
     flax = _nnx()
     trace = flax.current_trace()
+    # Variables made in the same trace hold states that share one reference to it: an
+    # identity test settles most of them before the (Python) equality does.
+    same = getattr(trace, "_trace_ref", trace)
     set_attribute = object.__setattr__
     for index, value in zip(changed, values, strict=True):
         variable = variables[index]
         if not flax.direct:
             variable.set_raw_value(value)
             continue
-        if variable._trace_state._jax_trace != trace:
+        state = variable._trace_state._jax_trace
+        if getattr(state, "_trace_ref", None) is not same and state != trace:
             raise flax.TraceContextError(
                 f"Cannot mutate {type(variable).__name__} from a different trace level: "
                 "filter_jit was called inside a JAX transformation with a Variable made "
