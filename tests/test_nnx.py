@@ -132,6 +132,36 @@ def test_nnx_grad_inside_matches_nnx_jit():
     run_both(train_step_grad)
 
 
+def test_filter_grad_differentiates_batch_stats_too():
+    model, _ = make()
+    grads = fj.filter_jit(lambda m: fj.filter_grad(lambda m: loss_fn(m, X, Y))(m))(model)
+    assert grads.norm.mean.get_raw_value() is not None  # not only nnx.Param
+    assert grads.dropout.rngs.count.get_raw_value() is None  # integers are not differentiated
+
+
+def test_filter_grad_over_params_matches_nnx_value_and_grad():
+    """The pattern docs/nnx.md shows: split the Params out and differentiate only them."""
+
+    @fj.filter_jit
+    def step(model, optimizer, x, y):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_of(params, rest):
+            return loss_fn(nnx.merge(graphdef, params, rest), x, y)
+
+        loss, grads = fj.filter_value_and_grad(loss_of)(params, rest)
+        optimizer.update(model, grads)
+        return loss
+
+    theirs, ours = make(), make()
+    for model, _ in (theirs, ours):
+        model.eval()
+    reference = nnx.jit(train_step)
+    for _ in range(3):
+        np.testing.assert_array_equal(reference(*theirs, X, Y), step(*ours, X, Y))
+    assert_same_state(theirs, ours)
+
+
 @pytest.mark.parametrize("donate", ["all", "all-except-first"])
 def test_donation_matches_nnx_jit_and_leaves_no_deleted_buffer(donate):
     run_both(train_step, steps=3, donate=donate)
@@ -348,6 +378,15 @@ def test_non_pytree_nnx_object_is_refused():
 
     with pytest.raises(TypeError, match="not a JAX PyTree"):
         f(Plain(), jnp.ones(2))
+
+
+def test_reference_variables_are_refused():
+    class Refs(nnx.Module):
+        def __init__(self):
+            self.weight = nnx.Param(jnp.ones(2), ref=True)
+
+    with pytest.raises(TypeError, match="ref=True"):
+        fj.filter_jit(lambda m: m.weight[...] * 2)(Refs())
 
 
 def test_lower_with_nnx_arguments_is_refused():

@@ -452,6 +452,8 @@ class _JitProgram:
         try:
             out = self.run(jitted, leading, dynamic)
         except _nnx.Reroute:
+            out = _nnx.Reroute  # called again outside the handler: no chained exception
+        if out is _nnx.Reroute:
             return _nnx.reroute(self, key, leading, args, kwargs)
         return self.finish(out)
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import jax.tree_util as jtu
 
+from . import _equinox_errors
 from ._errors import rename_root
 
 __all__ = [
@@ -224,7 +225,18 @@ def call(program: Any, leading: tuple, args: tuple, kwargs: dict) -> Any:
     if len(variables) > 1 and len(set(map(id, variables))) != len(variables):
         raise _aliased(program.qualname, args, kwargs)
     jitted = program.program_for(NnxKey(key), args, kwargs)
-    out, changed, values = program.finish(program.run(jitted, leading, dynamic))
+    if program.fast:  # no donation warnings to silence: call without a context manager
+        _equinox_errors.watching()
+        try:
+            raw = jitted(*program.head(leading), *dynamic)
+        except Exception as err:
+            replacement = _equinox_errors.replacement_for(err)
+            if replacement is None:
+                raise
+            raise replacement from None
+    else:
+        raw = program.run(jitted, leading, dynamic)
+    out, changed, values = program.finish(raw)
     if changed:
         write_back(variables, changed, values)
     return out

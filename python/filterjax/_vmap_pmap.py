@@ -791,16 +791,18 @@ class _PmapWrapper(Wrapper):
             pmapped = self._pmapped_for(program, key, leaf_axes, groups)
             out = program.run(pmapped, fun_dynamic, dynamic)
         except _nnx.Reroute:
-            # NNX objects in the arguments: every program of this function must now return
-            # their updates, so the ordinary ones made so far are dropped.
-            program.routes_nnx = True
-            program.pmapped.clear()
-            return self(*args)
+            out = _nnx.Reroute  # called again outside the handler: no chained exception
         except ValueError as err:
             better = self._diagnose(program, args, key, leaf_axes, dynamic)
             if better is None:
                 raise
             raise better from err
+        if out is _nnx.Reroute:
+            # NNX objects in the arguments: every program of this function must now return
+            # their updates, so the ordinary ones made so far are dropped.
+            program.routes_nnx = True
+            program.pmapped.clear()
+            return self(*args)
         if variables is None:
             return program.finish(out)
         out, changed, values = program.finish(out)
