@@ -115,8 +115,15 @@ def run_both(step, steps=5, eval_mode=False, with_rngs=False, **options):
 
 
 def test_training_matches_nnx_jit_bit_for_bit():
-    losses = run_both(train_step)
+    traces = []
+
+    def counted(*args):
+        traces.append(None)
+        return train_step(*args)
+
+    losses = run_both(counted)
     assert len(set(map(float, losses))) == 5  # the model trains: every loss differs
+    assert len(traces) == 2  # one trace under nnx.jit, one under filter_jit
 
 
 def test_eval_mode_matches_nnx_jit():
