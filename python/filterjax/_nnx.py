@@ -65,11 +65,12 @@ class _Flax:
     """The few Flax names used here, resolved once `flax.nnx` is imported."""
 
     def __init__(self) -> None:
-        from flax import errors
-        from flax.nnx import pytreelib, tracers, variablelib
+        from flax import errors, nnx
+        from flax.nnx import tracers
 
-        self.Variable = variablelib.Variable
-        self.Pytree = pytreelib.Pytree
+        self.Variable = nnx.Variable
+        # `nnx.Pytree` is the base of Modules, Rngs and Optimizers since flax 0.11.
+        self.Pytree = getattr(nnx, "Pytree", nnx.Module)
         self.current_trace = tracers.current_jax_trace
         self.TraceContextError = errors.TraceContextError
         # `Variable.set_raw_value` checks the trace level twice (~4 us a Variable). When the
