@@ -17,24 +17,32 @@ import jax
 import filterjax._backend as fj_backend
 
 
-def per_call_us(call: Callable[[], object], calls: int) -> float:
-    start = time.perf_counter()
+def per_call_us(
+    call: Callable[[], object], calls: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    start = clock()
     for _ in range(calls):
         out = call()
     jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls * 1e6
+    return (clock() - start) / calls * 1e6
 
 
 def measure(
-    contenders: dict[str, Callable[[], object]], calls: int, repeats: int
+    contenders: dict[str, Callable[[], object]],
+    calls: int,
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
-    """Median per-call µs of each contender, their rounds interleaved to share the noise."""
+    """Median per-call µs of each contender, their rounds interleaved to share the noise.
+
+    `clock` is wall time by default; `time.thread_time` measures the calling thread's CPU
+    time instead (the dispatch overhead, which other processes do not inflate)."""
     for call in contenders.values():
         jax.block_until_ready(call())  # compile
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, call in contenders.items():
-            samples[name].append(per_call_us(call, calls))
+            samples[name].append(per_call_us(call, calls, clock))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -32,7 +32,7 @@ from typing import (
 import jax
 import jax.tree_util as jtu
 
-from . import _backend, _caches, _equinox_errors, _explain
+from . import _backend, _caches, _equinox_errors, _explain, _nnx
 from ._compile_utils import (
     DONATE_MODES,
     Donate,
@@ -83,6 +83,9 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
     fun_key = program.fun_key
     static_fun = program.static_fun
     records = program.records
+    # An NNX program (`_nnx.NnxKey`) also returns its Variables' new values; an ordinary
+    # one reroutes the call if its arguments turn out to hold NNX objects.
+    key, run = _nnx.runner(program, key, run_and_split_output)
 
     def fun_and_dynamic(parts: tuple) -> tuple[Callable, tuple]:
         if static_fun is not None:  # no `leading` argument
@@ -98,7 +101,7 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
             rest_args, kwargs = core.rebuild(rest_key, rest_dynamic)
             # Runs only when JAX traces (a new program): recorded whether or not explained.
             _explain.on_trace(records, "filter_jit", core, fun, (first, *rest_args), kwargs)
-            return run_and_split_output(fun, (first, *rest_args), kwargs, core)
+            return run(fun, (first, *rest_args), kwargs, core)
 
         traced: Callable = traced_first_apart
     else:
@@ -108,7 +111,7 @@ def _make_traced(program: _JitProgram, key: Any) -> Callable:
             args, kwargs = core.rebuild(key, dynamic)
             # Runs only when JAX traces (a new program): recorded whether or not explained.
             _explain.on_trace(records, "filter_jit", core, fun, args, kwargs)
-            return run_and_split_output(fun, args, kwargs, core)
+            return run(fun, args, kwargs, core)
 
         traced = traced_together
     traced.__name__ = program.name
@@ -146,6 +149,9 @@ class _JitProgram:
     wrappers' Dispatchers read them in place. A wrapper adds only the function's own
     array leaves (`leading`). Bound to the core (native or Python) it was made with.
     """
+
+    # Set once a call shape holding Flax NNX objects was seen (see `filterjax._nnx`).
+    routes_nnx = False
 
     def __init__(self, core: Any, fun: Callable, fun_key: Any, donate: Donate, jitkwargs):
         self.core = core
@@ -233,16 +239,18 @@ class _JitProgram:
                 raise _bind_error(self.qualname, err) from None
             # Bounded like the programs: a shape forgotten is planned again when called.
             _caches.bounded_insert(self.plans, shape, plan)
+        if type(plan) is _nnx.NnxPlan:
+            plan = plan.inner
         if plan is IDENTITY_PLAN:
             return args, kwargs
         bound = apply_plan(plan, args, kwargs)
         assert bound is not None, "a plan made for this call shape always fits it"
         return bound
 
-    def arguments(self, args: tuple, kwargs: dict) -> tuple[Any, tuple]:
+    def arguments(self, args: tuple, kwargs: dict, is_leaf: Any = None) -> tuple[Any, tuple]:
         """The call's static key, and its dynamic leaves as the arguments the program takes
         after the function's own leaves: `(dynamic,)`, or `(first, rest)` with the first
-        argument kept undonated."""
+        argument kept undonated. `is_leaf` is passed to the core's split."""
         args, kwargs = self.bind(args, kwargs)
         flatten_split = self.core.flatten_split
         try:
@@ -252,10 +260,10 @@ class _JitProgram:
                         f"filter_jit(donate={self.donate!r}) needs at least one positional "
                         f"argument to keep undonated; {self.name}() was called without one."
                     )
-                first_dynamic, first_key = flatten_split((args[0],))
-                rest_dynamic, rest_key = flatten_split((args[1:], kwargs))
+                first_dynamic, first_key = flatten_split((args[0],), is_leaf=is_leaf)
+                rest_dynamic, rest_key = flatten_split((args[1:], kwargs), is_leaf=is_leaf)
                 return (first_key, rest_key), (first_dynamic, rest_dynamic)
-            dynamic, key = flatten_split((args, kwargs))
+            dynamic, key = flatten_split((args, kwargs), is_leaf=is_leaf)
         except UnhashableStaticError as err:
             raise with_call_path(err, ("args", "kwargs")) from err.__cause__
         return key, (dynamic,)
@@ -292,18 +300,40 @@ class _JitProgram:
 
     def _call(self, leading: tuple, args: tuple, kwargs: dict) -> Any:
         """A call off the Dispatcher's fast path: first of its shape or static signature,
-        donation modes, errors."""
+        donation modes, errors, Flax NNX arguments."""
+        if self.routes_nnx and _nnx.routed(self, args, kwargs):
+            return _nnx.call(self, leading, args, kwargs)
         key, dynamic = self.arguments(args, kwargs)
         jitted = self.program_for(key, args, kwargs)
+        try:
+            out = self.run(jitted, leading, dynamic)
+        except _nnx.Reroute:
+            out = _nnx.Reroute  # called again outside the handler: no chained exception
+        if out is _nnx.Reroute:
+            return _nnx.reroute(self, key, leading, args, kwargs)
+        return self.finish(out)
+
+    def run(self, jitted: Any, leading: tuple, dynamic: tuple) -> Any:
+        """Call a program of this function with the call's dynamic leaves."""
         _equinox_errors.watching()  # once Equinox is imported, silence its callback logs
         with _equinox_errors.translated():
-            out = call_donating(self.silence_unused_donation, jitted, *self.head(leading), *dynamic)
+            return call_donating(
+                self.silence_unused_donation, jitted, *self.head(leading), *dynamic
+            )
+
+    def finish(self, out: Any) -> Any:
+        """A program's output as the function returned it."""
         return rebuild_output(out, self.core)
 
     def lower(self, leading: tuple, args: tuple, kwargs: dict) -> Lowered:
         key, dynamic = self.arguments(args, kwargs)
         jitted = self.program_for(key, args, kwargs)
-        return Lowered(self, leading, jitted.lower(*self.head(leading), *dynamic), key)
+        try:
+            lowered = jitted.lower(*self.head(leading), *dynamic)
+        except _nnx.Reroute:
+            _nnx.forget(self, key)
+            raise _nnx.lower_error(self.qualname) from None
+        return Lowered(self, leading, lowered, key)
 
 
 class _JitWrapperBase(Wrapper):

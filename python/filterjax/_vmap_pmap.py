@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from . import _backend, _caches, _equinox_errors, _explain
+from . import _backend, _caches, _equinox_errors, _explain, _nnx
 from ._compile_utils import (
     Compiled,
     Lowered,
@@ -589,6 +589,10 @@ class _PmapProgram:
     one `jax.pmap` per static signature of the arguments, shared by every wrapper around
     an equal function. Bound to the core it was made with."""
 
+    # Set once a call holding Flax NNX objects was seen: from then on every call collects
+    # its Variables and every program returns their updates (see `filterjax._nnx`).
+    routes_nnx = False
+
     def __init__(
         self, core, fun_key, name, in_axes, out_axes, axis_name, axis_size, donate, pmapkwargs
     ):
@@ -619,7 +623,7 @@ class _PmapProgram:
         StaticKey alone with uniform axes, else by the per-leaf input axes too, and, when
         the output is split by out axis, by the arrays' shapes and dtypes (which decide
         the output's ranks, and so its layout)."""
-        if self.uniform_out:
+        if self.uniform_out and not self.routes_nnx:
             cache_key = key if leaf_axes is None else (key, leaf_axes)
             return self.table.get_or_make(cache_key, lambda: self._make_pmap(key, leaf_axes, 0))
         cache_key = (key, leaf_axes, _shapes(fun_dynamic), _shapes(dynamic))
@@ -637,12 +641,12 @@ class _PmapProgram:
         """How many per-axis groups the output needs: one per non-negative out axis up to
         the largest, found by an abstract pass (`jax.eval_shape` of the function mapped
         as `jax.pmap` will map it) before the pmap is built."""
-        core, fun_key, out_axes = self.core, self.fun_key, self.out_axes
+        core, fun_key, out_axes = self.core, self.fun_key, self._traced_out_axes()
 
         def largest_axis(leaves):
             fun_dynamic, dynamic, _ = leaves
-            fun = core.rebuild(fun_key, fun_dynamic)
-            out = fun(*core.rebuild(key, list(dynamic)))
+            args = core.rebuild(key, list(dynamic))
+            out = self._traced_fun(core.rebuild(fun_key, fun_dynamic), args)(*args)
             leaves, _ = core.flatten_split(out, _always, hashed=False)
             axes = _leaf_axes(out_axes, out, leaves, "out_axes")
             normalised = [
@@ -661,9 +665,26 @@ class _PmapProgram:
         largest, _ = output_parts(jax.eval_shape(mapped, (fun_dynamic, dynamic, self.dummy)))
         return largest + 1
 
+    def _traced_out_axes(self) -> Any:
+        """The out axes of what the traced function returns: NNX programs return
+        `(out, changed, new values)`, the values along the input axis."""
+        if not self.routes_nnx:
+            return self.out_axes
+        in_axis = self.in_axis
+        return (self.out_axes, None, None if in_axis is None else if_array(in_axis))
+
+    def _traced_fun(self, fun: Callable, args: tuple) -> Callable:
+        """`fun` as traced: for NNX programs, also returning the Variables' updates;
+        otherwise refusing (rerouting) arguments that turn out to hold NNX objects."""
+        if self.routes_nnx:
+            return _nnx.stepper(self.name, self.donate != "none", fun, args, {})
+        _nnx.refuse(fun, args, {})
+        return fun
+
     def _make_pmap(self, key, leaf_axes: tuple | None, groups: int):
         core, fun_key, records = self.core, self.fun_key, self.records
-        uniform_out, out_axes = self.uniform_out, self.out_axes
+        uniform_out = self.uniform_out and not self.routes_nnx
+        out_axes = self._traced_out_axes()
 
         def parallelised(leaves):
             # Where the stack of an `eqx.error_if` ends (see `_equinox_errors`).
@@ -673,6 +694,7 @@ class _PmapProgram:
             args = core.rebuild(key, list(dynamic))
             # Runs only when JAX traces (a new program): recorded whether or not explained.
             _explain.on_trace(records, "filter_pmap", core, fun, args, {})
+            fun = self._traced_fun(fun, args)
             if uniform_out:
                 return run_and_split_output(fun, args, {}, core)
             _equinox_errors.fresh_stacks()
@@ -707,7 +729,7 @@ class _PmapProgram:
         return out
 
     def finish(self, out):
-        if self.uniform_out:
+        if self.uniform_out and not self.routes_nnx:
             return rebuild_output(out, self.core)
         return _ungroup_output(self.core, out)
 
@@ -819,13 +841,17 @@ class _PmapWrapper(Wrapper):
             state = self._state = (program, fun_dynamic)
         return state
 
-    def _call_args(self, program: _PmapProgram, args: tuple) -> tuple[Any, tuple | None, Sequence]:
-        """(StaticKey, per-leaf axes or None if uniform, dynamic leaves) for a call."""
+    def _call_args(
+        self, program: _PmapProgram, args: tuple, variables: list | None = None
+    ) -> tuple[Any, tuple | None, Sequence]:
+        """(StaticKey, per-leaf axes or None if uniform, dynamic leaves) for a call; the
+        NNX Variables of `args` appended to `variables` if given."""
         in_axes = self._in_axes
         if type(in_axes) is dict:
             in_axes = _named_in_axes(in_axes, self._names, len(args), program.name)
         try:
-            dynamic, key = program.core.flatten_split(args)
+            is_leaf = None if variables is None else _nnx.collector(variables)
+            dynamic, key = program.core.flatten_split(args, is_leaf=is_leaf)
         except UnhashableStaticError as err:
             raise with_call_path(err, ("args",)) from err.__cause__
         if program.uniform_in and in_axes is self._in_axes:
@@ -838,17 +864,33 @@ class _PmapWrapper(Wrapper):
     def __call__(self, /, *args, **kwargs):
         _check_no_kwargs(kwargs, "filter_pmap")
         program, fun_dynamic = self._ready()
-        key, leaf_axes, dynamic = self._call_args(program, args)
+        variables: list | None = [] if program.routes_nnx else None
+        key, leaf_axes, dynamic = self._call_args(program, args, variables)
+        if variables:
+            _nnx.check_pmap_call(program.name, args, variables, leaf_axes)
         self._require_mapped(program, leaf_axes, dynamic)
         try:
             pmapped = program.pmap_for(key, leaf_axes, fun_dynamic, dynamic)
             out = program.run(pmapped, fun_dynamic, dynamic)
+        except _nnx.Reroute:
+            out = _nnx.Reroute  # called again outside the handler: no chained exception
         except (ValueError, IndexError) as err:  # jax.pmap: IndexError for a missing axis
             better = self._diagnose(program, args, key, leaf_axes, dynamic)
             if better is None:
                 raise
             raise better from err
-        return program.finish(out)
+        if out is _nnx.Reroute:
+            # NNX objects in the arguments: every program of this function must now return
+            # their updates, so the ordinary ones made so far are dropped.
+            program.routes_nnx = True
+            program.table.clear()
+            return self(*args)
+        if variables is None:
+            return program.finish(out)
+        out, changed, values = program.finish(out)
+        if changed:
+            _nnx.write_back(variables, changed, values)
+        return out
 
     def lower(self, /, *args, **kwargs) -> _PmapLowered:
         """Lower for these arguments (ahead-of-time compilation).
@@ -860,11 +902,16 @@ class _PmapWrapper(Wrapper):
         """
         _check_no_kwargs(kwargs, "filter_pmap")
         program, fun_dynamic = self._ready()
+        if program.routes_nnx:
+            raise _nnx.lower_error(program.name)
         key, leaf_axes, dynamic = self._call_args(program, args)
         self._require_mapped(program, leaf_axes, dynamic)
         flat = (fun_dynamic, dynamic, program.dummy)
         try:
             lowered = program.pmap_for(key, leaf_axes, fun_dynamic, dynamic).lower(flat)
+        except _nnx.Reroute:
+            program.table.clear()  # the ordinary program just made is of no use
+            raise _nnx.lower_error(program.name) from None
         except (ValueError, IndexError) as err:
             better = self._diagnose(program, args, key, leaf_axes, dynamic)
             if better is None:
