@@ -3,8 +3,8 @@
 - No import cycles among `python/filterjax/` modules, counting imports inside functions
   and under `TYPE_CHECKING`.
 - The cores (`_pycore`, the native module) import nothing from the public layer.
-- No transform imports another transform's private names; shared plumbing lives in
-  `_compile_utils`.
+- No transform imports another transform, and no module another's private names; shared
+  compile plumbing lives in `_compile_utils`.
 - `filter_jit` and the other transforms never load the other core.
 - Both cores export the same names with the same signatures.
 """
@@ -171,8 +171,8 @@ def test_no_transform_imports_another_transform():
 
 @once
 def test_no_private_names_cross_modules():
-    """A name imported from another package module is that module's public (no leading
-    underscore), except the lazy table and the cores' own internals reached by tests."""
+    """A name imported from another package module is one of its public names (no leading
+    underscore): what modules share is named as shared."""
     crossing = {
         (stem, target, name)
         for stem, targets in _GRAPH.items()
