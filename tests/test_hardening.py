@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from jax_features import JAX_VERSION
 
 import filterjax as fj
 
@@ -454,7 +455,20 @@ class _CallsBack:
 
 
 @pytest.mark.parametrize("in_hash", [False, True])
-@pytest.mark.parametrize("transform", ["filter_jit", "filter_pmap"])
+@pytest.mark.parametrize(
+    "transform",
+    [
+        "filter_jit",
+        pytest.param(
+            "filter_pmap",
+            # Old jax.pmap compares a static leaf inside its own compile cache; a pmap
+            # called back from that `__eq__` compiles as if nested (devices² devices).
+            marks=pytest.mark.skipif(
+                JAX_VERSION < (0, 8), reason="jax < 0.8: pmap re-entered from its own cache"
+            ),
+        ),
+    ],
+)
 def test_static_leaf_calling_the_same_function_back_finishes(transform, in_hash):
     def body(x, static):
         return x + getattr(static, "value", static)
