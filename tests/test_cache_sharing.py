@@ -256,6 +256,54 @@ def test_memory_is_flat_over_thousands_of_fresh_wrappers():
     assert TRACES == ["call"]
 
 
+def _rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+def test_no_memory_kept_per_wrapper_copy_or_unflattening():
+    """Making, copying and unflattening wrappers keeps nothing once they are gone: not the
+    wrapper's instance dict, nor anything it held."""
+    import copy
+
+    import jax.tree_util as jtu
+
+    model = make_model()
+
+    def body(x):
+        return x
+
+    def churn(n):
+        for i in range(n):
+            wrapper = fj.filter_jit(body)
+            copy.copy(wrapper)
+            leaves, treedef = jtu.tree_flatten(wrapper)
+            jtu.tree_unflatten(treedef, leaves)
+            if i % 10 == 0:
+                # A Module holding a wrapper, mapped over (a new wrapper per call).
+                jtu.tree_map(lambda leaf: leaf, (model, fj.filter_jit(model)))
+
+    churn(2_000)
+    gc.collect()
+    rss_before = _rss_bytes()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        churn(100_000)
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    rss_grown = _rss_bytes() - rss_before
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    # 320k objects: even 8 bytes kept per object would be 2.5 MB.
+    assert grown < 100_000, grown
+    assert rss_grown < 4 * 2**20, rss_grown
+
+
 def test_cache_of_distinct_lambdas_is_bounded():
     from filterjax import _caches, _jit
 
