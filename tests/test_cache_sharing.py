@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import tracemalloc
 
 import equinox as eqx
 import jax
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from memory_common import rss_bytes, traced_growth
 
 import filterjax as fj
 
@@ -242,25 +242,9 @@ def test_memory_is_flat_over_thousands_of_fresh_wrappers():
             fj.filter_jit(model)(x)
 
     loop(200)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.take_snapshot()
-        loop(3000)
-        gc.collect()
-        after = tracemalloc.take_snapshot()
-    finally:
-        tracemalloc.stop()
-    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    grown = traced_growth(lambda: loop(3000))
     assert grown < 200_000, grown  # flat: not ~1 KB per wrapper
     assert TRACES == ["call"]
-
-
-def _rss_bytes() -> int:
-    import os
-
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.slow
@@ -288,17 +272,9 @@ def test_no_memory_kept_per_wrapper_copy_or_unflattening():
 
     churn(2_000)
     gc.collect()
-    rss_before = _rss_bytes()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.take_snapshot()
-        churn(100_000)
-        gc.collect()
-        after = tracemalloc.take_snapshot()
-    finally:
-        tracemalloc.stop()
-    rss_grown = _rss_bytes() - rss_before
-    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    rss_before = rss_bytes()
+    grown = traced_growth(lambda: churn(100_000))
+    rss_grown = rss_bytes() - rss_before
     # 320k objects: even 8 bytes kept per object would be 2.5 MB.
     assert grown < 100_000, grown
     assert rss_grown < 4 * 2**20, rss_grown
