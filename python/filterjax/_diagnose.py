@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from ._errors import PyTreeCycleError, format_path
 
-__all__ = ["raise_flatten_error", "describe_type"]
+__all__ = ["raise_flatten_error", "check_flattenable", "describe_type"]
 
 
 def describe_type(kind: type) -> str:
@@ -79,6 +79,16 @@ def raise_flatten_error(tree: Any, is_leaf: Any, original: BaseException | None)
     If the walk finds nothing wrong (a flatten function that fails only sometimes),
     `original` is re-raised unchanged.
     """
+    check_flattenable(tree, is_leaf)
+    if original is not None:
+        raise original
+    raise RuntimeError("filterjax: flattening failed but no cause could be found")
+
+
+def check_flattenable(tree: Any, is_leaf: Any) -> None:
+    """Walk `tree` the way `jax.tree_util` does and raise the first problem found: a cycle,
+    nesting deeper than `sys.getrecursionlimit()`, a malformed node, or an exception from
+    `is_leaf` or a flatten function (with a note saying where). Returns if there is none."""
     registry = _registry()
     limit = sys.getrecursionlimit()
     # Each stack entry: (node, path, ids of the containers from the root down to node).
@@ -119,9 +129,6 @@ def raise_flatten_error(tree: Any, is_leaf: Any, original: BaseException | None)
         inner = ancestors + (id(node),)
         for child, key in zip(reversed(children), reversed(keys), strict=True):
             stack.append((child, path + [key], inner))
-    if original is not None:
-        raise original
-    raise RuntimeError("filterjax: flattening failed but no cause could be found")
 
 
 # --------------------------------------------------------------------------------------------
