@@ -87,6 +87,11 @@ def node_path(path: list) -> str:
     return format_path(tuple(path))
 
 
+# Set by both cores on an exception raised while comparing two keys' static leaves: the
+# index (among the key's static leaves) of the leaf whose comparison raised.
+STATIC_INDEX_ATTR = "_filterjax_static_index"
+
+
 def static_equality_note(static_index: int, leaf: Any) -> str:
     """The note added to an exception raised by a static leaf's `__eq__` (both backends)."""
     kind = type(leaf)

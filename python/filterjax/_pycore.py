@@ -25,7 +25,7 @@ from ._diagnose import (
     raise_flatten_error,
     raise_structure_error,
 )
-from ._errors import static_equality_note, unhashable_static
+from ._errors import STATIC_INDEX_ATTR, static_equality_note, unhashable_static
 
 __all__ = [
     "StaticKey",
@@ -137,6 +137,7 @@ def _statics_equal(mine: tuple, theirs: tuple) -> bool:
                     return False
             except Exception as leaf_err:
                 leaf_err.add_note(static_equality_note(index, x))
+                setattr(leaf_err, STATIC_INDEX_ATTR, index)
                 raise
         raise err
 
