@@ -30,7 +30,10 @@ class UnhashableStaticError(TypeError):
 
 
 class PyTreeCycleError(ValueError):
-    """A mutable container holds itself, so the PyTree would be infinitely deep."""
+    """A mutable container holds itself, so the PyTree would be infinitely deep.
+
+    (A PyTree without a cycle but nested `sys.getrecursionlimit()` levels deep or more
+    raises a `RecursionError` instead.)"""
 
 
 def format_path(path: tuple, root: str = "tree") -> str:

@@ -163,8 +163,9 @@ _node_types = _NodeTypes()
 
 def _nesting(tree: Any, limit: int) -> int:
     """Depth of the deepest node of `tree` as `jax.tree_util` flattens it (without
-    `is_leaf`), or -1 if a node sits `limit` deep (as in any tree that contains itself) or a
-    flatten function raises. Leaves are skipped at C speed."""
+    `is_leaf`; the root is at depth 0), or -1 if a node, leaf or not, sits `limit` deep (as in
+    any tree that contains itself) or a flatten function raises. Leaves are skipped at C
+    speed."""
     registry = _tree_registry
     is_node = _node_types.__getitem__
     deepest = 0
@@ -190,18 +191,20 @@ def _nesting(tree: Any, limit: int) -> int:
                 children = node
             else:
                 continue
+            if type(children) is not list and type(children) is not tuple:
+                children = list(children)
+            depth += 1
+            if not children:
+                continue
             if depth >= limit:
                 return -1
             if depth > deepest:
                 deepest = depth
-            depth += 1
-            if type(children) is not list and type(children) is not tuple:
-                children = list(children)
             for child in compress(children, map(is_node, map(type, children))):
                 push((child, depth))
     except Exception:
         return -1
-    return deepest + 1
+    return deepest
 
 
 class _Headroom:
