@@ -20,6 +20,9 @@ pub struct Globals {
     /// type -> bool answers of that `isinstance` test. Holding the types as keys keeps them
     /// alive, so a type's address is never reused for another type while it is cached.
     pub array_types: Py<PyDict>,
+    /// type -> `DataclassFields` for `register_dataclass` types read natively, or False for
+    /// other registered types (dataclass.rs). Registered types only, so it stays small.
+    pub dataclass_fields: Py<PyDict>,
     /// `PyTreeDef.from_node_data_and_children` and the default registry, for `__repr__`.
     pub treedef_from_node: Py<PyAny>,
     pub default_registry: Py<PyAny>,
@@ -61,6 +64,7 @@ fn load_globals(py: Python<'_>) -> PyResult<Globals> {
         registry,
         array_bases: array_bases.unbind(),
         array_types: PyDict::new(py).unbind(),
+        dataclass_fields: PyDict::new(py).unbind(),
         // jaxlib renamed `make_from_node_data_and_children` in 0.8; take whichever it has.
         treedef_from_node: match treedef.getattr("from_node_data_and_children") {
             Ok(make) => make.unbind(),

@@ -9,6 +9,7 @@ use pyo3::types::{PyDict, PyIterator, PyList, PyTuple, PyType};
 use pyo3::{ffi, PyTypeInfo};
 
 use crate::classify::{self, Globals};
+use crate::dataclass::{self, DataclassFields};
 use crate::errors::{self, Stop};
 use crate::key::{Node, StaticKey};
 
@@ -39,6 +40,8 @@ enum Children<'py> {
     DictValues(Bound<'py, PyDict>, Bound<'py, PyList>),
     /// Values of another mapping, looked up with its `__getitem__` by ordered keys.
     MappingValues(Bound<'py, PyAny>, Bound<'py, PyTuple>),
+    /// The data fields of a `register_dataclass` node, read with `getattr`.
+    Fields(Bound<'py, PyAny>, Bound<'py, DataclassFields>),
     Iter(Bound<'py, PyIterator>),
 }
 
@@ -86,6 +89,7 @@ impl<'py> Open<'py> {
             Children::MappingValues(mapping, keys) => {
                 mapping.get_item(keys.get_item(self.next)?)?
             }
+            Children::Fields(obj, fields) => fields.get().child(obj, self.next)?,
         };
         self.next += 1;
         Ok(Some(child))
@@ -277,6 +281,9 @@ impl<'a, 'py> Flattener<'a, 'py> {
     fn visit_other(&mut self, obj: Bound<'py, PyAny>) -> Result<Option<Open<'py>>, Stop> {
         let kind = obj.get_type();
         if let Some(entry) = self.g.registry.bind(self.py).get_item(&kind)? {
+            if let Some(fields) = dataclass::fields_of(self.g, &kind, &entry)? {
+                return self.open_dataclass(obj, kind, fields).map(Some);
+            }
             return self.open_custom(&obj, kind, &entry).map(Some);
         }
         if obj.is_instance_of::<PyTuple>() && has_fields(&obj) {
@@ -345,6 +352,24 @@ impl<'a, 'py> Flattener<'a, 'py> {
             len,
             Finish::DefaultDict(factory, keys),
         ))
+    }
+
+    /// A `register_dataclass` node, as jaxlib reads it: the data fields are its children,
+    /// the tuple of its meta fields its node data. Rebuilt by calling the type (rebuild.rs).
+    fn open_dataclass(
+        &mut self,
+        obj: Bound<'py, PyAny>,
+        kind: Bound<'py, PyType>,
+        fields: Bound<'py, DataclassFields>,
+    ) -> Result<Open<'py>, Stop> {
+        let aux = fields.get().meta(&obj)?.into_any();
+        let len = fields.get().num_data();
+        let finish = Finish::Custom {
+            kind,
+            aux,
+            from_iter: fields.clone().into_any(),
+        };
+        Ok(Open::new(Children::Fields(obj, fields), len, finish))
     }
 
     #[inline(never)]

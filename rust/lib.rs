@@ -17,6 +17,7 @@
 use pyo3::prelude::*;
 
 mod classify;
+mod dataclass;
 mod dispatch;
 mod errors;
 mod filters;
