@@ -68,7 +68,7 @@ def _children_of(node: Any, registry: dict, where: str) -> tuple[list, list] | N
                 f"(at {where}) returned children that are not iterable: {result[0]!r:.200}."
             ) from err
         return children, [jtu.FlattenedIndexKey(i) for i in range(len(children))]
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
+    if issubclass(kind, tuple) and hasattr(node, "_fields"):
         return list(node), [jtu.GetAttrKey(name) for name in node._fields]
     return None
 
@@ -170,7 +170,7 @@ def _node_signature(node: Any, registry: dict) -> tuple[str, Any, list, list] | 
         children = list(children)
         keys = [jtu.FlattenedIndexKey(i) for i in range(len(children))]
         return describe_type(kind), aux, children, keys
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
+    if issubclass(kind, tuple) and hasattr(node, "_fields"):
         return describe_type(kind), None, list(node), [jtu.GetAttrKey(f) for f in node._fields]
     return None
 

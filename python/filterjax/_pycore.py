@@ -187,7 +187,7 @@ def _nesting(tree: Any, limit: int) -> int:
                     children = node.values()
                 else:
                     children = registry[kind].to_iter(node)[0]
-            elif isinstance(node, tuple) and hasattr(node, "_fields"):
+            elif issubclass(kind, tuple) and hasattr(node, "_fields"):
                 children = node
             else:
                 continue
