@@ -92,6 +92,27 @@ class DC:
 jtu.register_dataclass(DC, data_fields=["a", "b"], meta_fields=["meta"])
 
 
+@jtu.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DCFields:
+    """Fields found by `register_dataclass` itself: two meta fields between data fields."""
+
+    x: Any
+    name: str = dataclasses.field(metadata={"static": True})
+    y: Any = None
+    size: int = dataclasses.field(default=0, metadata={"static": True})
+    z: Any = None
+
+
+@jtu.register_dataclass
+@dataclasses.dataclass
+class DCData:
+    """Data fields only: its node data is the empty tuple."""
+
+    p: Any
+    q: Any
+
+
 class EqxNode(eqx.Module):
     w: Any
     b: Any
@@ -196,6 +217,12 @@ def _make_node(kind, meta, children):
         return KeyedBox(children, int(str(meta)))
     if kind == "dc":
         return DC(children[0], children[1], int(str(meta)))
+    if kind == "dcfields":
+        return DCFields(
+            children[0], _fresh_str(meta[0]), children[1], int(str(meta[1])), children[2]
+        )
+    if kind == "dcdata":
+        return DCData(children[0], children[1])
     if kind == "eqx":
         return EqxNode(children[0], children[1], tag=_fresh_str(meta))
     raise AssertionError(kind)
@@ -260,6 +287,11 @@ def _node_specs(children):
         st.tuples(st.integers(0, 5), kids).map(lambda t: ("box", t[0], t[1])),
         st.tuples(st.integers(0, 5), kids).map(lambda t: ("keyed", t[0], t[1])),
         st.tuples(st.integers(0, 5), pair).map(lambda t: ("dc", t[0], t[1])),
+        st.tuples(
+            st.tuples(st.sampled_from(("a", "b")), st.integers(0, 2)),
+            st.tuples(children, children, children),
+        ).map(lambda t: ("dcfields", t[0], t[1])),
+        pair.map(lambda c: ("dcdata", None, c)),
         st.tuples(st.sampled_from(("relu", "tanh")), pair).map(lambda t: ("eqx", t[0], t[1])),
     )
 
@@ -324,6 +356,11 @@ def _alternatives(spec):
         return [("keyed", meta + 1, kids)]
     if kind == "dc":
         return [("dc", meta + 1, kids)]
+    if kind == "dcfields":
+        name, size = meta
+        return [("dcfields", (name + "_", size), kids), ("dcfields", (name, size + 1), kids)]
+    if kind == "dcdata":
+        return [("dc", 0, kids), ("tuple", None, kids)]
     if kind == "eqx":
         return [("eqx", meta + "2", kids)]
     raise AssertionError(kind)
@@ -461,6 +498,76 @@ def test_explicit_cores_flatten_like_jax(core, spec):
     assert [id(x) for x in dynamic] == [id(x) for x in expected]
     assert key.mask == (True,) * len(expected)
     assert_same_tree(core.rebuild(key, dynamic), tree)
+
+
+def _dataclass_node_specs(children):
+    pair = st.tuples(children, children)
+    return st.one_of(
+        st.tuples(st.integers(0, 5), pair).map(lambda t: ("dc", t[0], t[1])),
+        st.tuples(
+            st.tuples(st.sampled_from(("a", "b")), st.integers(0, 2)),
+            st.tuples(children, children, children),
+        ).map(lambda t: ("dcfields", t[0], t[1])),
+        pair.map(lambda c: ("dcdata", None, c)),
+        st.lists(children, max_size=3).map(lambda c: ("tuple", None, tuple(c))),
+    )
+
+
+dataclass_tree_specs = st.recursive(leaf_specs, _dataclass_node_specs, max_leaves=12)
+
+
+@pytest.mark.single_backend
+@SETTINGS
+@given(dataclass_tree_specs)
+def test_register_dataclass_trees_agree_with_jax_on_both_cores(spec):
+    """Leaves, structure, node data (the meta fields) and rebuild of `register_dataclass`
+    nodes, flat and nested, as `jax.tree_util` has them."""
+    tree = build(spec)
+    leaves, treedef = jtu.tree_flatten(tree)
+    for core in (_pycore, _native_core()):
+        dynamic, key = core.partition(tree, _always)
+        assert [id(x) for x in dynamic] == [id(x) for x in leaves]
+        assert str(treedef) in repr(key)
+        rebuilt = core.rebuild(key, dynamic)
+        assert_same_tree(rebuilt, tree)
+        assert jtu.tree_structure(rebuilt) == treedef
+        _, again = core.partition(build(spec, variant=1), _always, hashed=False)
+        assert again == key
+
+
+@pytest.mark.single_backend
+def test_native_core_calls_the_registered_functions_of_an_unusual_dataclass_entry():
+    """A dataclass node whose registry entry is not the pair `register_dataclass` made is
+    flattened and rebuilt by the registered functions, as any custom node."""
+    from jax._src import tree_util as jax_tree_util
+
+    @dataclasses.dataclass
+    class Wrapped:
+        a: Any
+        b: Any
+
+    jtu.register_dataclass(Wrapped, data_fields=["a", "b"], meta_fields=[])
+    entry = jax_tree_util._registry[Wrapped]
+    calls = []
+
+    def to_iter(x):
+        calls.append("flatten")
+        return entry.to_iter(x)
+
+    def from_iter(aux, children):
+        calls.append("unflatten")
+        return entry.from_iter(aux, children)
+
+    jax_tree_util._registry[Wrapped] = type(entry)(to_iter, from_iter)
+    try:
+        native = _native_core()
+        dynamic, key = native.partition(Wrapped(1, jnp.ones(1)))
+        assert calls == ["flatten"]
+        rebuilt = native.rebuild(key, dynamic)
+        assert calls == ["flatten", "unflatten"]
+        assert type(rebuilt) is Wrapped and rebuilt.a == 1 and rebuilt.b is dynamic[0]
+    finally:
+        jax_tree_util._registry[Wrapped] = entry
 
 
 @pytest.mark.single_backend
