@@ -261,6 +261,19 @@ _STR_KEYS = st.text(alphabet="abcxyz_", min_size=1, max_size=3)
 _INT_KEYS = st.integers(-3, 40)
 
 
+def _dataclass_nodes(children) -> list:
+    """Strategies for the three `register_dataclass` node types, over `children`."""
+    pair = st.tuples(children, children)
+    return [
+        st.tuples(st.integers(0, 5), pair).map(lambda t: ("dc", t[0], t[1])),
+        st.tuples(
+            st.tuples(st.sampled_from(("a", "b")), st.integers(0, 2)),
+            st.tuples(children, children, children),
+        ).map(lambda t: ("dcfields", t[0], t[1])),
+        pair.map(lambda c: ("dcdata", None, c)),
+    ]
+
+
 def _node_specs(children):
     kids = st.lists(children, max_size=4).map(tuple)
 
@@ -286,12 +299,7 @@ def _node_specs(children):
         st.tuples(children, children, children).map(lambda c: ("nt", "NT3", c)),
         st.tuples(st.integers(0, 5), kids).map(lambda t: ("box", t[0], t[1])),
         st.tuples(st.integers(0, 5), kids).map(lambda t: ("keyed", t[0], t[1])),
-        st.tuples(st.integers(0, 5), pair).map(lambda t: ("dc", t[0], t[1])),
-        st.tuples(
-            st.tuples(st.sampled_from(("a", "b")), st.integers(0, 2)),
-            st.tuples(children, children, children),
-        ).map(lambda t: ("dcfields", t[0], t[1])),
-        pair.map(lambda c: ("dcdata", None, c)),
+        *_dataclass_nodes(children),
         st.tuples(st.sampled_from(("relu", "tanh")), pair).map(lambda t: ("eqx", t[0], t[1])),
     )
 
@@ -501,14 +509,8 @@ def test_explicit_cores_flatten_like_jax(core, spec):
 
 
 def _dataclass_node_specs(children):
-    pair = st.tuples(children, children)
     return st.one_of(
-        st.tuples(st.integers(0, 5), pair).map(lambda t: ("dc", t[0], t[1])),
-        st.tuples(
-            st.tuples(st.sampled_from(("a", "b")), st.integers(0, 2)),
-            st.tuples(children, children, children),
-        ).map(lambda t: ("dcfields", t[0], t[1])),
-        pair.map(lambda c: ("dcdata", None, c)),
+        *_dataclass_nodes(children),
         st.lists(children, max_size=3).map(lambda c: ("tuple", None, tuple(c))),
     )
 
