@@ -187,12 +187,12 @@ def _nesting(tree: Any, limit: int) -> int:
                     children = node.values()
                 else:
                     children = registry[kind].to_iter(node)[0]
+                    if type(children) is not list and type(children) is not tuple:
+                        children = list(children)
             elif issubclass(kind, tuple) and hasattr(node, "_fields"):
                 children = node
             else:
                 continue
-            if type(children) is not list and type(children) is not tuple:
-                children = list(children)
             depth += 1
             if not children:
                 continue
