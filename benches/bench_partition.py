@@ -230,7 +230,11 @@ def node_kind_operations(tree) -> dict[str, Callable[[], object]]:
     """The core's partition (native, and the Python twin) and the public helpers on the
     current backend, against `tree_flatten`."""
     dynamic, static = fj.partition(tree, fj.is_array)
-    ops: dict[str, Callable[[], object]] = {"tree_flatten": lambda: jtu.tree_flatten(tree)}
+    leaves, treedef = jtu.tree_flatten(tree)
+    ops: dict[str, Callable[[], object]] = {
+        "tree_flatten": lambda: jtu.tree_flatten(tree),
+        "unflatten": lambda: treedef.unflatten(leaves),
+    }
     if _native is not None:
         ops["native partition"] = lambda: _native.partition(tree)
     ops["python partition"] = lambda: _pycore.partition(tree)
@@ -252,10 +256,16 @@ def build_node_kind_table(results: dict) -> str:
     ]
     header = ["node kind", "jax flattens in", *[f"{n} (µs)" for n in names]]
     header += [f"{name} / tree_flatten" + (f" ({goal})" if goal else "") for name, goal in ratios]
+    # What jax.tree_util itself needs for the same outputs: one flatten plus one unflatten
+    # per tree built (partition builds two).
+    header += ["fj.partition / (flatten + 2 unflatten)", "fj.filter / (flatten + unflatten)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind, times in results.items():
         row = [kind, "C++" if kind in CPP_KINDS else "Python", *[_fmt(times[n]) for n in names]]
         row += [f"{times[name] / times['tree_flatten']:.2f}" for name, _ in ratios]
+        flatten, unflatten = times["tree_flatten"], times["unflatten"]
+        row.append(f"{times['fj.partition'] / (flatten + 2 * unflatten):.2f}")
+        row.append(f"{times['fj.filter'] / (flatten + unflatten):.2f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

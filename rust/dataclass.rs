@@ -11,8 +11,6 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 
-use crate::classify::Globals;
-
 /// The fields of a dataclass node type, in jax's order.
 #[pyclass(frozen, module = "filterjax._native", name = "_DataclassFields")]
 pub struct DataclassFields {
@@ -71,30 +69,16 @@ impl DataclassFields {
     }
 }
 
-/// The fields of `kind` if its registry entry is `register_dataclass`'s, else None. The
-/// answer is remembered per type (registrations cannot be replaced).
-pub fn fields_of<'py>(
-    g: &Globals,
+/// The fields of `kind` if its registry entry is `register_dataclass`'s and they can be
+/// read from it, else None. Anything unexpected means "not readable": the generic path
+/// that calls the registered functions stays correct.
+pub fn read<'py>(
     kind: &Bound<'py, PyType>,
     entry: &Bound<'py, PyAny>,
 ) -> PyResult<Option<Bound<'py, DataclassFields>>> {
-    let py = kind.py();
-    let known = g.dataclass_fields.bind(py);
-    if let Some(answer) = known.get_item(kind)? {
-        return Ok(answer.cast_into::<DataclassFields>().ok());
-    }
-    // Anything unexpected means "not readable": the generic path stays correct.
-    let fields = read_fields(kind, entry).ok().flatten();
-    match fields {
-        Some(fields) => {
-            let fields = Bound::new(py, fields)?;
-            known.set_item(kind, &fields)?;
-            Ok(Some(fields))
-        }
-        None => {
-            known.set_item(kind, false)?;
-            Ok(None)
-        }
+    match read_fields(kind, entry).ok().flatten() {
+        Some(fields) => Ok(Some(Bound::new(kind.py(), fields)?)),
+        None => Ok(None),
     }
 }
 

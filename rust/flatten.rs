@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pyo3::exceptions::PyKeyError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyIterator, PyList, PyTuple, PyType};
+use pyo3::types::{PyBool, PyDict, PyIterator, PyList, PyTuple, PyType};
 use pyo3::{ffi, PyTypeInfo};
 
 use crate::classify::{self, Globals};
@@ -16,6 +16,9 @@ use crate::key::{Node, StaticKey};
 /// Deepest nesting accepted whatever `sys.getrecursionlimit()` says. The walk keeps its own
 /// stack on the heap (a few words per level), so this only bounds memory for absurd limits.
 const MAX_DEPTH: usize = 1_000_000;
+
+/// Most types remembered in `Globals::node_kinds` before it is emptied.
+const NODE_KINDS_MAX: usize = 4096;
 
 /// What an open node is once all its children are flattened.
 enum Finish<'py> {
@@ -279,12 +282,34 @@ impl<'a, 'py> Flattener<'a, 'py> {
     /// Registered custom nodes, namedtuples and leaves of other types.
     #[inline(never)]
     fn visit_other(&mut self, obj: Bound<'py, PyAny>) -> Result<Option<Open<'py>>, Stop> {
+        let py = self.py;
         let kind = obj.get_type();
-        if let Some(entry) = self.g.registry.bind(self.py).get_item(&kind)? {
-            if let Some(fields) = dataclass::fields_of(self.g, &kind, &entry)? {
-                return self.open_dataclass(obj, kind, fields).map(Some);
+        let registry = self.g.registry.bind(py);
+        let known = self.node_kinds(registry)?;
+        let registered = match known.get_item(&kind)? {
+            Some(answer) => match answer.cast_into::<DataclassFields>() {
+                Ok(fields) => return self.open_dataclass(obj, kind, fields).map(Some),
+                Err(answer) => answer.into_inner().is_truthy()?,
+            },
+            None => {
+                let answer = match registry.get_item(&kind)? {
+                    Some(entry) => match dataclass::read(&kind, &entry)? {
+                        Some(fields) => fields.into_any(),
+                        None => PyBool::new(py, true).to_owned().into_any(),
+                    },
+                    None => PyBool::new(py, false).to_owned().into_any(),
+                };
+                known.set_item(&kind, &answer)?;
+                if let Ok(fields) = answer.cast_into::<DataclassFields>() {
+                    return self.open_dataclass(obj, kind, fields).map(Some);
+                }
+                registry.contains(&kind)?
             }
-            return self.open_custom(&obj, kind, &entry).map(Some);
+        };
+        if registered {
+            if let Some(entry) = registry.get_item(&kind)? {
+                return self.open_custom(&obj, kind, &entry).map(Some);
+            }
         }
         if obj.is_instance_of::<PyTuple>() && has_fields(&obj) {
             let tuple = obj.cast_into::<PyTuple>().map_err(PyErr::from)?;
@@ -297,6 +322,20 @@ impl<'a, 'py> Flattener<'a, 'py> {
         }
         self.leaf(obj);
         Ok(None)
+    }
+
+    /// The cache of what types are (see `Globals::node_kinds`), emptied first if the
+    /// registry has grown or changed size since, or if it is full.
+    #[inline]
+    fn node_kinds(&self, registry: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+        let known = self.g.node_kinds.bind(self.py);
+        let size = registry.len();
+        let checked = &self.g.node_kinds_registry_len;
+        if checked.load(Ordering::Relaxed) != size || known.len() >= NODE_KINDS_MAX {
+            known.clear();
+            checked.store(size, Ordering::Relaxed);
+        }
+        Ok(known.clone())
     }
 
     /// `is_leaf(obj)`, accepting only what jax accepts: True, False or None.

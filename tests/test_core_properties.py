@@ -537,6 +537,32 @@ def test_register_dataclass_trees_agree_with_jax_on_both_cores(spec):
         assert again == key
 
 
+def test_a_type_registered_after_use_as_a_leaf_becomes_a_node(core):
+    @dataclasses.dataclass
+    class Late:
+        a: Any
+        b: Any
+
+    class LateNode:
+        def __init__(self, a):
+            self.a = a
+
+    late, late_node = Late(jnp.ones(1), 2), LateNode(jnp.ones(2))
+    tree = [late, late_node, late, late_node]
+    deep = [[[[tree]]]]  # through the Python core's depth walk too
+    for t in (tree, deep):
+        dynamic, key = core.partition(t, _always)
+        assert key.num_leaves == 4
+    jtu.register_dataclass(Late, data_fields=["a", "b"], meta_fields=[])
+    jtu.register_pytree_node(LateNode, lambda n: ((n.a,), None), lambda _, c: LateNode(*c))
+    for t in (tree, deep):
+        dynamic, key = core.partition(t, _always)
+        assert [id(x) for x in dynamic] == [id(x) for x in jtu.tree_leaves(t)]
+        assert key.num_leaves == 6
+        rebuilt = core.rebuild(key, dynamic)
+        assert jtu.tree_structure(rebuilt) == jtu.tree_structure(t)
+
+
 @pytest.mark.single_backend
 def test_native_core_calls_the_registered_functions_of_an_unusual_dataclass_entry():
     """A dataclass node whose registry entry is not the pair `register_dataclass` made is

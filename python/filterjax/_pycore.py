@@ -144,18 +144,16 @@ def _statics_equal(mine: tuple, theirs: tuple) -> bool:
 
 class _NodeTypes(dict):
     """type -> whether `jax.tree_util` may flatten its instances as a node (a registered
-    type, or a tuple subclass that may be a namedtuple). Filled on first sight of a type;
-    registrations made later are seen because registered types are never cached."""
+    type, or a tuple subclass that may be a namedtuple). Filled on first sight of a type,
+    emptied by `_nesting` when the registry changes size (a registration made since)."""
+
+    registry_size = -1
 
     def __missing__(self, kind: type) -> bool:
-        if kind in _tree_registry:
-            return True
-        if issubclass(kind, tuple):
-            self[kind] = True
-            return True
+        answer = kind in _tree_registry or issubclass(kind, tuple)
         if len(self) < 4096:
-            self[kind] = False
-        return False
+            self[kind] = answer
+        return answer
 
 
 _node_types = _NodeTypes()
@@ -167,6 +165,9 @@ def _nesting(tree: Any, limit: int) -> int:
     any tree that contains itself) or a flatten function raises. Leaves are skipped at C
     speed."""
     registry = _tree_registry
+    if _node_types.registry_size != len(registry):
+        _node_types.clear()
+        _node_types.registry_size = len(registry)
     is_node = _node_types.__getitem__
     deepest = 0
     stack = [(tree, 0)]
