@@ -4,7 +4,8 @@
 //! its node data the tuple of its meta fields, and it is rebuilt by calling the type with
 //! every field as a keyword argument. The Python registry (`jax._src.tree_util._registry`)
 //! only holds the two closures `register_dataclass` made, so the field names are read from
-//! those closures, once per type. Every jax from 0.4.38 to 0.12 makes them the same way; if
+//! those closures, once per type. Every jax from 0.4.38 to 0.12 makes them the same way (in
+//! `register_dataclass`, or `_register_dataclass` in newer releases); if
 //! a jax makes them differently, or the type was registered some other way, the node keeps
 //! the generic path that calls the registered functions.
 
@@ -105,12 +106,18 @@ fn closure_value<'py>(
     Ok(None)
 }
 
-fn is_function_named(function: &Bound<'_, PyAny>, qualname: &str) -> PyResult<bool> {
+/// Whether `function` is the local function `name` of jax's `register_dataclass` (or of
+/// the private `_register_dataclass` it delegates to in newer jax).
+fn is_function_named(function: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
     let py = function.py();
     let module = function.getattr(pyo3::intern!(py, "__module__"))?;
-    let name = function.getattr(pyo3::intern!(py, "__qualname__"))?;
+    let qualname = function.getattr(pyo3::intern!(py, "__qualname__"))?;
+    let qualname = qualname.cast::<PyString>()?.to_cow()?;
+    let made_by = qualname
+        .strip_suffix(name)
+        .and_then(|q| q.strip_suffix(".<locals>."));
     Ok(module.cast::<PyString>()?.to_cow()? == "jax._src.tree_util"
-        && name.cast::<PyString>()?.to_cow()? == qualname)
+        && matches!(made_by, Some("register_dataclass" | "_register_dataclass")))
 }
 
 /// Field names, interned, from a tuple of strings.
@@ -136,8 +143,8 @@ fn read_fields(
     entry: &Bound<'_, PyAny>,
 ) -> PyResult<Option<DataclassFields>> {
     let (to_iter, from_iter) = crate::flatten::registry_functions(entry)?;
-    if !is_function_named(&to_iter, "register_dataclass.<locals>.flatten_func")?
-        || !is_function_named(&from_iter, "register_dataclass.<locals>.unflatten_func")?
+    if !is_function_named(&to_iter, "flatten_func")?
+        || !is_function_named(&from_iter, "unflatten_func")?
     {
         return Ok(None);
     }
