@@ -5,13 +5,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pyo3::exceptions::PyKeyError;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyIterator, PyList, PyTuple, PyType};
 use pyo3::{ffi, PyTypeInfo};
 
 use crate::classify::{self, Globals};
 use crate::dataclass::{self, DataclassFields};
 use crate::errors::{self, Stop};
-use crate::key::{Node, StaticKey};
+use crate::key::{hash_parts, HashFailure, Node, StaticKey};
 
 /// Deepest nesting accepted whatever `sys.getrecursionlimit()` says. The walk keeps its own
 /// stack on the heap (a few words per level), so this only bounds memory for absurd limits.
@@ -181,14 +182,19 @@ impl<'a, 'py> Flattener<'a, 'py> {
     /// can overflow the Rust stack. Nodes are recorded in post-order, like jax's. Appends
     /// to what earlier runs recorded.
     pub(crate) fn run(&mut self, tree: &Bound<'py, PyAny>) -> Result<(), Stop> {
+        self.run_from(tree, 0)
+    }
+
+    /// `run` for a tree that sits at `depth` inside a larger one.
+    fn run_from(&mut self, tree: &Bound<'py, PyAny>, depth: usize) -> Result<(), Stop> {
         let mut stack: Vec<Open<'py>> = Vec::with_capacity(8);
-        if let Some(open) = self.visit(tree.clone(), 0)? {
+        if let Some(open) = self.visit(tree.clone(), depth)? {
             stack.push(open);
         }
         while let Some(top) = stack.last_mut() {
             match top.next_child()? {
                 Some(child) => {
-                    let depth = stack.len();
+                    let depth = depth + stack.len();
                     if let Some(open) = self.visit(child, depth)? {
                         stack.push(open);
                     }
@@ -356,8 +362,13 @@ impl<'a, 'py> Flattener<'a, 'py> {
     #[inline(never)]
     fn open_dict(&mut self, obj: &Bound<'py, PyAny>) -> Result<Open<'py>, Stop> {
         let dict = obj.cast::<PyDict>().map_err(PyErr::from)?;
-        let keys = dict.keys();
-        keys.sort()?;
+        let keys = if dict.is_empty() {
+            empty_keys(self.py)?
+        } else {
+            let keys = dict.keys();
+            keys.sort()?;
+            keys
+        };
         let len = keys.len();
         Ok(Open::new(
             Children::DictValues(dict.clone(), keys.clone()),
@@ -496,6 +507,97 @@ fn recursion_limit() -> usize {
     usize::try_from(limit).unwrap_or(0).min(MAX_DEPTH)
 }
 
+/// The sorted keys of every empty dict: one list, never mutated, instead of a new one per
+/// node.
+fn empty_keys(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
+    static EMPTY: PyOnceLock<Py<PyList>> = PyOnceLock::new();
+    let keys = EMPTY.get_or_try_init(py, || -> PyResult<_> { Ok(PyList::empty(py).unbind()) })?;
+    Ok(keys.bind(py).clone())
+}
+
+/// A tree flattened and its leaves sorted, not (yet) made into a `StaticKey`.
+pub struct Parts<'py> {
+    pub nodes: Vec<Node>,
+    pub dynamic: Vec<Bound<'py, PyAny>>,
+    pub statics: Vec<Bound<'py, PyAny>>,
+    pub mask: Vec<bool>,
+}
+
+impl<'py> Parts<'py> {
+    /// The key's hash for these parts (`StaticKey::compute_hash` of the key they make).
+    pub fn hash(&self, py: Python<'py>) -> Result<isize, HashFailure> {
+        hash_parts(py, &self.nodes, &self.mask, self.statics.len(), |i| {
+            Ok(self.statics[i].clone())
+        })
+    }
+
+    /// Do these parts make a key equal to `key`? (`key == StaticKey(parts)`.)
+    pub fn equal_to(&self, py: Python<'py>, key: &StaticKey) -> PyResult<bool> {
+        key.equal_to_parts(py, &self.nodes, &self.mask, self.statics.len(), |i| {
+            Ok(self.statics[i].clone())
+        })
+    }
+
+    /// The dynamic leaves (a list) and the key, whose hash is `hash` if given.
+    pub fn into_key(
+        self,
+        py: Python<'py>,
+        hash: Option<isize>,
+    ) -> PyResult<(Bound<'py, PyList>, StaticKey)> {
+        let num_dynamic = self.dynamic.len();
+        let dynamic = PyList::new(py, self.dynamic)?;
+        let statics = PyTuple::new(py, self.statics)?.unbind();
+        let key = match hash {
+            Some(h) => StaticKey::with_hash(self.nodes, statics, self.mask, num_dynamic, h),
+            None => StaticKey::new(self.nodes, statics, self.mask, num_dynamic),
+        };
+        Ok((dynamic, key))
+    }
+}
+
+impl<'a, 'py> Flattener<'a, 'py> {
+    /// What was flattened, or the first error classifying a leaf. Remembers the sizes as
+    /// the next call's capacity hints.
+    fn into_parts(self) -> PyResult<Parts<'py>> {
+        if let Some(err) = self.pending {
+            return Err(err);
+        }
+        HINT_NODES.set(self.nodes.len());
+        HINT_DYNAMIC.set(self.dynamic.len());
+        HINT_STATIC.set(self.statics.len());
+        HINT_LEAVES.set(self.mask.len());
+        Ok(Parts {
+            nodes: self.nodes,
+            dynamic: self.dynamic,
+            statics: self.statics,
+            mask: self.mask,
+        })
+    }
+}
+
+/// The parts of `partition((args, kwargs))` (kwargs None: an empty dict), made without
+/// building that tuple or dict. A flatten error is returned bare, without the diagnosis
+/// `partition` adds.
+pub fn partition_call<'py>(
+    py: Python<'py>,
+    args: &Bound<'py, PyTuple>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> Result<Parts<'py>, Stop> {
+    let g = classify::globals(py)?;
+    let mut f = Flattener::new(py, g, None);
+    // The pair is the root (depth 0); its two children sit at depth 1.
+    f.run_from(args.as_any(), 1)?;
+    match kwargs {
+        Some(kwargs) => f.run_from(kwargs.as_any(), 1)?,
+        None => f.nodes.push(Node::Dict {
+            keys: empty_keys(py)?.unbind(),
+            arity: 0,
+        }),
+    }
+    f.nodes.push(Node::Tuple(2));
+    Ok(f.into_parts()?)
+}
+
 pub fn partition<'py>(
     py: Python<'py>,
     tree: &Bound<'py, PyAny>,
@@ -509,17 +611,7 @@ pub fn partition<'py>(
     if let Err(stop) = f.run(tree) {
         return Err(errors::flatten_failed(py, tree, is_leaf, stop));
     }
-    if let Some(err) = f.pending {
-        return Err(err);
-    }
-    let num_dynamic = f.dynamic.len();
-    HINT_NODES.set(f.nodes.len());
-    HINT_DYNAMIC.set(num_dynamic);
-    HINT_STATIC.set(f.statics.len());
-    HINT_LEAVES.set(f.mask.len());
-    let dynamic = PyList::new(py, f.dynamic)?;
-    let statics = PyTuple::new(py, f.statics)?;
-    let key = StaticKey::new(f.nodes, statics.unbind(), f.mask, num_dynamic);
+    let (dynamic, key) = f.into_parts()?.into_key(py, None)?;
     if hashed {
         if let Err(failure) = key.compute_hash(py) {
             let statics = key.statics.bind(py);
