@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::errors::Stop;
+use crate::flatten::CallKwargs;
 use crate::key::StaticKey;
 use crate::{flatten, rebuild, Truthy};
 
@@ -50,6 +51,8 @@ pub struct Dispatcher {
     /// The key of the last call found in `programs`: repeated calls with equal static
     /// parts are compared with it in place, without making a key object.
     last: Mutex<Option<Py<StaticKey>>>,
+    /// The last `(len(args), keyword names)` looked up in `plans` (see `keyword_shape`).
+    last_shape: Mutex<Option<(Py<PyTuple>, Py<PyList>)>>,
 }
 
 static METHOD_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -79,7 +82,7 @@ fn apply_plan<'py>(
     plan: &Bound<'py, PyAny>,
     args: &Bound<'py, PyTuple>,
     kwargs: Option<&Bound<'py, PyDict>>,
-) -> PyResult<Option<(Bound<'py, PyTuple>, Option<Bound<'py, PyDict>>)>> {
+) -> PyResult<Option<(Vec<Bound<'py, PyAny>>, Option<Bound<'py, PyDict>>)>> {
     let Ok(plan) = plan.cast_exact::<PyTuple>() else {
         return Ok(None);
     };
@@ -115,7 +118,7 @@ fn apply_plan<'py>(
         }
         Some(bound)
     };
-    Ok(Some((PyTuple::new(py, bound_args)?, bound_kwargs)))
+    Ok(Some((bound_args, bound_kwargs)))
 }
 
 impl Dispatcher {
@@ -137,7 +140,9 @@ impl Dispatcher {
         if let Some(last) = last {
             let known = last.get();
             if known.cached_hash() == Some(hash) && parts.equal_to(py, known)? {
-                let dynamic = PyList::new(py, parts.dynamic)?;
+                let mut parts = parts;
+                let dynamic = parts.take_dynamic(py)?;
+                parts.recycle();
                 return Ok(programs.get_item(&last)?.map(|p| (p, dynamic)));
             }
         }
@@ -146,8 +151,43 @@ impl Dispatcher {
         let Some(program) = programs.get_item(&key)? else {
             return Ok(None);
         };
-        self.remember(key.unbind());
+        let remembered = table_key(programs, &program, hash).unwrap_or(key);
+        self.remember(remembered.unbind());
         Ok(Some((program, dynamic)))
+    }
+
+    /// `(len(args), keyword names)`, the plan table's key for a call with keywords, and
+    /// the names sorted. The last ones made are reused while calls pass the same names (the
+    /// same string objects, in the same order), as repeated calls from one call site do.
+    fn keyword_shape<'py>(
+        &self,
+        py: Python<'py>,
+        num_args: usize,
+        kwargs: &Bound<'py, PyDict>,
+    ) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyList>)> {
+        let last = self.last_shape.lock().ok().and_then(|guard| {
+            guard
+                .as_ref()
+                .map(|(shape, sorted)| (shape.bind(py).clone(), sorted.bind(py).clone()))
+        });
+        if let Some((shape, sorted)) = last {
+            if same_shape(&shape, num_args, kwargs)? {
+                return Ok((shape, sorted));
+            }
+        }
+        let names = PyTuple::new(py, kwargs.keys())?;
+        let sorted = kwargs.keys();
+        sorted.sort()?;
+        let shape = PyTuple::new(
+            py,
+            [num_args.into_pyobject(py)?.into_any(), names.into_any()],
+        )?;
+        let previous = match self.last_shape.lock() {
+            Ok(mut guard) => guard.replace((shape.clone().unbind(), sorted.clone().unbind())),
+            Err(_) => None,
+        };
+        drop(previous);
+        Ok((shape, sorted))
     }
 
     fn last_key<'py>(&self, py: Python<'py>) -> Option<Bound<'py, StaticKey>> {
@@ -176,6 +216,47 @@ impl Dispatcher {
             _ => err,
         }
     }
+}
+
+/// Is `shape` the `(num_args, names)` of a call with these keyword arguments, names
+/// compared by identity?
+fn same_shape(
+    shape: &Bound<'_, PyTuple>,
+    num_args: usize,
+    kwargs: &Bound<'_, PyDict>,
+) -> PyResult<bool> {
+    if shape.get_item(0)?.extract::<usize>()? != num_args {
+        return Ok(false);
+    }
+    let names = shape.get_item(1)?;
+    let names = names.cast_exact::<PyTuple>()?;
+    if names.len() != kwargs.len() {
+        return Ok(false);
+    }
+    Ok(names
+        .iter()
+        .zip(kwargs.iter())
+        .all(|(name, (given, _))| name.is(&given)))
+}
+
+/// Most table entries searched for the key object the table itself holds.
+const TABLE_SCAN_MAX: usize = 16;
+
+/// The key object `programs` holds for `program` (found by the program's identity and the
+/// key's hash), if the table is small enough to search. Looking a key up by the table's
+/// own object is an identity match: no `__eq__` call.
+fn table_key<'py>(
+    programs: &Bound<'py, PyDict>,
+    program: &Bound<'py, PyAny>,
+    hash: isize,
+) -> Option<Bound<'py, StaticKey>> {
+    if programs.len() > TABLE_SCAN_MAX {
+        return None;
+    }
+    programs.iter().find_map(|(key, value)| {
+        let key = key.cast_into_exact::<StaticKey>().ok()?;
+        (value.is(program) && key.get().cached_hash() == Some(hash)).then_some(key)
+    })
 }
 
 #[pymethods]
@@ -211,6 +292,7 @@ impl Dispatcher {
             fast: fast.0,
             on_error: on_error.filter(|f| !f.is_none(py)),
             last: Mutex::new(None),
+            last_shape: Mutex::new(None),
         })
     }
 
@@ -241,22 +323,30 @@ impl Dispatcher {
             return fallback();
         }
         let plans = self.plans.bind(py);
-        let plan = match kwargs {
-            None => plans.get_item(args.len())?,
+        let (plan, sorted_keys) = match kwargs {
+            None => (plans.get_item(args.len())?, None),
             Some(kwargs) => {
-                let names = PyTuple::new(py, kwargs.keys())?;
-                plans.get_item((args.len(), names))?
+                let (shape, sorted) = self.keyword_shape(py, args.len(), kwargs)?;
+                (plans.get_item(shape)?, Some(sorted))
             }
         };
         let Some(plan) = plan else {
             return fallback();
         };
         let parts = if plan.is(&self.identity_plan) {
+            let kwargs = kwargs.map(|dict| CallKwargs {
+                dict,
+                sorted_keys: sorted_keys.as_ref(),
+            });
             flatten::partition_call(py, args, kwargs)
         } else {
             match apply_plan(py, &plan, args, kwargs)? {
                 Some((bound_args, bound_kwargs)) => {
-                    flatten::partition_call(py, &bound_args, bound_kwargs.as_ref())
+                    let kwargs = bound_kwargs.as_ref().map(|dict| CallKwargs {
+                        dict,
+                        sorted_keys: None,
+                    });
+                    flatten::partition_bound_call(py, &bound_args, kwargs)
                 }
                 None => return fallback(),
             }
@@ -337,6 +427,7 @@ impl Dispatcher {
                 visit.call(key)?;
             }
         }
+        // `last_shape` holds only ints and strings, which can't be part of a cycle.
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! `partition`: flatten a PyTree exactly as `jax.tree_util.tree_flatten` does, sort each
 //! leaf into dynamic or static, and build the `StaticKey`, all in one pass.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pyo3::exceptions::PyKeyError;
@@ -154,6 +155,8 @@ pub(crate) struct Flattener<'a, 'py> {
     /// successful flatten, so a flatten error found later must win over this one. The
     /// failing leaf's index is `mask.len()`: nothing more is classified after it.
     pub(crate) pending: Option<PyErr>,
+    /// The walk's stack of open nodes, kept between runs.
+    stack: Vec<Open<'py>>,
 }
 
 impl<'a, 'py> Flattener<'a, 'py> {
@@ -162,6 +165,28 @@ impl<'a, 'py> Flattener<'a, 'py> {
         g: &'a Globals,
         is_leaf: Option<&'a Bound<'py, PyAny>>,
     ) -> Self {
+        let (nodes, dynamic, statics, mask) = match SPARE.with(|spare| spare.borrow_mut().take()) {
+            Some(spare) => (
+                spare.nodes,
+                spare
+                    .dynamic
+                    .into_iter()
+                    .map(|p| p.into_bound(py))
+                    .collect(),
+                spare
+                    .statics
+                    .into_iter()
+                    .map(|p| p.into_bound(py))
+                    .collect(),
+                spare.mask,
+            ),
+            None => (
+                Vec::with_capacity(HINT_NODES.get()),
+                Vec::with_capacity(HINT_DYNAMIC.get()),
+                Vec::with_capacity(HINT_STATIC.get()),
+                Vec::with_capacity(HINT_LEAVES.get()),
+            ),
+        };
         Flattener {
             py,
             g,
@@ -170,11 +195,12 @@ impl<'a, 'py> Flattener<'a, 'py> {
             none_is_leaf: false,
             is_leaf,
             limit: recursion_limit(),
-            nodes: Vec::with_capacity(HINT_NODES.get()),
-            dynamic: Vec::with_capacity(HINT_DYNAMIC.get()),
-            statics: Vec::with_capacity(HINT_STATIC.get()),
-            mask: Vec::with_capacity(HINT_LEAVES.get()),
+            nodes,
+            dynamic,
+            statics,
+            mask,
             pending: None,
+            stack: Vec::new(),
         }
     }
 
@@ -186,11 +212,54 @@ impl<'a, 'py> Flattener<'a, 'py> {
     }
 
     /// `run` for a tree that sits at `depth` inside a larger one.
+    /// `run_from` on a dict whose keys, sorted, are known to be `sorted_keys`.
+    fn run_dict_from(
+        &mut self,
+        dict: &Bound<'py, PyDict>,
+        sorted_keys: &Bound<'py, PyList>,
+        depth: usize,
+    ) -> Result<(), Stop> {
+        let root = Open::new(
+            Children::DictValues(dict.clone(), sorted_keys.clone()),
+            sorted_keys.len(),
+            Finish::Dict(sorted_keys.clone()),
+        );
+        let mut stack = std::mem::take(&mut self.stack);
+        let done = self.walk_open(&mut stack, root, depth);
+        stack.clear();
+        self.stack = stack;
+        done
+    }
+
     fn run_from(&mut self, tree: &Bound<'py, PyAny>, depth: usize) -> Result<(), Stop> {
-        let mut stack: Vec<Open<'py>> = Vec::with_capacity(8);
-        if let Some(open) = self.visit(tree.clone(), depth)? {
-            stack.push(open);
+        // One stack for every run of this flattener (empty between runs).
+        let mut stack = std::mem::take(&mut self.stack);
+        let done = self.walk(&mut stack, tree, depth);
+        stack.clear();
+        self.stack = stack;
+        done
+    }
+
+    fn walk(
+        &mut self,
+        stack: &mut Vec<Open<'py>>,
+        tree: &Bound<'py, PyAny>,
+        depth: usize,
+    ) -> Result<(), Stop> {
+        match self.visit(tree.clone(), depth)? {
+            Some(open) => self.walk_open(stack, open, depth),
+            None => Ok(()),
         }
+    }
+
+    /// The rest of `walk` once its root is open.
+    fn walk_open(
+        &mut self,
+        stack: &mut Vec<Open<'py>>,
+        root: Open<'py>,
+        depth: usize,
+    ) -> Result<(), Stop> {
+        stack.push(root);
         while let Some(top) = stack.last_mut() {
             match top.next_child()? {
                 Some(child) => {
@@ -515,6 +584,19 @@ fn empty_keys(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
     Ok(keys.bind(py).clone())
 }
 
+/// The emptied buffers of parts that were only compared (`Parts::recycle`), for the next
+/// flatten on this thread: a repeated call then allocates none. Always empty of objects.
+struct Spare {
+    nodes: Vec<Node>,
+    dynamic: Vec<Py<PyAny>>,
+    statics: Vec<Py<PyAny>>,
+    mask: Vec<bool>,
+}
+
+thread_local! {
+    static SPARE: RefCell<Option<Spare>> = const { RefCell::new(None) };
+}
+
 /// A tree flattened and its leaves sorted, not (yet) made into a `StaticKey`.
 pub struct Parts<'py> {
     pub nodes: Vec<Node>,
@@ -536,6 +618,29 @@ impl<'py> Parts<'py> {
         key.equal_to_parts(py, &self.nodes, &self.mask, self.statics.len(), |i| {
             Ok(self.statics[i].clone())
         })
+    }
+
+    /// The dynamic leaves, as a list, leaving the rest of the parts as they were.
+    pub fn take_dynamic(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.dynamic.drain(..))
+    }
+
+    /// Keep these parts' buffers for the next flatten on this thread.
+    pub fn recycle(mut self) {
+        // Emptied before the thread-local is touched: releasing a leaf can run Python code
+        // (a `__del__`), which may flatten again.
+        self.nodes.clear();
+        self.dynamic.clear();
+        self.statics.clear();
+        self.mask.clear();
+        let spare = Spare {
+            nodes: self.nodes,
+            // Empty, so these reuse the buffers as they are.
+            dynamic: self.dynamic.into_iter().map(Bound::unbind).collect(),
+            statics: self.statics.into_iter().map(Bound::unbind).collect(),
+            mask: self.mask,
+        };
+        SPARE.with(|slot| *slot.borrow_mut() = Some(spare));
     }
 
     /// The dynamic leaves (a list) and the key, whose hash is `hash` if given.
@@ -581,14 +686,51 @@ impl<'a, 'py> Flattener<'a, 'py> {
 pub fn partition_call<'py>(
     py: Python<'py>,
     args: &Bound<'py, PyTuple>,
-    kwargs: Option<&Bound<'py, PyDict>>,
+    kwargs: Option<CallKwargs<'_, 'py>>,
 ) -> Result<Parts<'py>, Stop> {
     let g = classify::globals(py)?;
     let mut f = Flattener::new(py, g, None);
     // The pair is the root (depth 0); its two children sit at depth 1.
     f.run_from(args.as_any(), 1)?;
+    finish_call(py, f, kwargs)
+}
+
+/// `partition_call` for positional arguments given one by one (as a binding plan picks
+/// them), without making their tuple.
+pub fn partition_bound_call<'py>(
+    py: Python<'py>,
+    args: &[Bound<'py, PyAny>],
+    kwargs: Option<CallKwargs<'_, 'py>>,
+) -> Result<Parts<'py>, Stop> {
+    let g = classify::globals(py)?;
+    let mut f = Flattener::new(py, g, None);
+    for arg in args {
+        f.run_from(arg, 2)?;
+    }
+    f.nodes.push(Node::Tuple(args.len()));
+    finish_call(py, f, kwargs)
+}
+
+/// A call's keyword arguments, with their names sorted if already known.
+#[derive(Clone, Copy)]
+pub struct CallKwargs<'a, 'py> {
+    pub dict: &'a Bound<'py, PyDict>,
+    /// `sorted(dict)`, if known; must be exactly that.
+    pub sorted_keys: Option<&'a Bound<'py, PyList>>,
+}
+
+/// The keyword half of a call's `(args, kwargs)` pair, then the pair itself.
+fn finish_call<'py>(
+    py: Python<'py>,
+    mut f: Flattener<'_, 'py>,
+    kwargs: Option<CallKwargs<'_, 'py>>,
+) -> Result<Parts<'py>, Stop> {
     match kwargs {
-        Some(kwargs) => f.run_from(kwargs.as_any(), 1)?,
+        Some(CallKwargs {
+            dict,
+            sorted_keys: Some(keys),
+        }) => f.run_dict_from(dict, keys, 1)?,
+        Some(CallKwargs { dict, .. }) => f.run_from(dict.as_any(), 1)?,
         None => f.nodes.push(Node::Dict {
             keys: empty_keys(py)?.unbind(),
             arity: 0,
