@@ -357,9 +357,11 @@ impl Dispatcher {
             Err(Stop::Raised(err)) if !err.is_instance_of::<PyException>(py) => return Err(err),
             Err(_) => return fallback(),
         };
-        // An unhashable static leaf: the fallback says which.
-        let Ok(hash) = parts.hash(py) else {
-            return fallback();
+        let hash = match parts.hash(py) {
+            Ok(hash) => hash,
+            // An unhashable static leaf: the fallback says which.
+            Err(failure) if failure.err.is_instance_of::<PyException>(py) => return fallback(),
+            Err(failure) => return Err(failure.err),
         };
         let program = match self.lookup(py, parts, hash) {
             Ok(Some(found)) => found,
