@@ -37,13 +37,30 @@ def measure(
 
     `clock` is wall time by default; `time.thread_time` measures the calling thread's CPU
     time instead (the dispatch overhead, which other processes do not inflate)."""
+    samples = measure_rounds(contenders, calls, repeats, clock)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def measure_rounds(
+    contenders: dict[str, Callable[[], object]],
+    calls: int,
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Per-call µs of each contender in each of `repeats` interleaved rounds."""
     for call in contenders.values():
         jax.block_until_ready(call())  # compile
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, call in contenders.items():
             samples[name].append(per_call_us(call, calls, clock))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def median_ratio(ours: list[float], base: list[float]) -> float:
+    """Median of the per-round ratios `ours / base`: each round's pair ran back to back, so
+    this is steadier on a noisy machine than a ratio of medians."""
+    return statistics.median(o / b for o, b in zip(ours, base, strict=True))
 
 
 def each_backend() -> Iterator[str]:

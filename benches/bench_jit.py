@@ -10,13 +10,14 @@ once by hand, pass only the arrays to `jax.jit`, close over the static parts.
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from _timing import each_backend, measure
+from _timing import each_backend, measure_rounds, median_ratio
 
 import filterjax as fj
 
@@ -137,16 +138,17 @@ def test_fresh_wrappers(benchmark, impl):
 # --- script mode -------------------------------------------------------------------------
 
 
-def _relative_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> str:
-    """One row per backend: each contender's µs and its ratio to the first contender."""
+def _relative_table(title: str, rows: list[tuple[str, dict[str, list[float]]]]) -> str:
+    """One row per backend: each contender's median µs and the median of its per-round
+    ratios to the first contender."""
     names = list(rows[0][1])
     header = f"| backend | {' | '.join(f'{n} µs' for n in names)} | "
     header += " | ".join(f"{n} / {names[0]}" for n in names[1:]) + " |"
     lines = [f"**{title}**", "", header, "|" + "---|" * (1 + 2 * len(names) - 1)]
     for backend, t in rows:
         base = t[names[0]]
-        cells = " | ".join(f"{t[n]:.1f}" for n in names)
-        ratios = " | ".join(f"{t[n] / base:.2f}" for n in names[1:])
+        cells = " | ".join(f"{statistics.median(t[n]):.1f}" for n in names)
+        ratios = " | ".join(f"{median_ratio(t[n], base):.2f}" for n in names[1:])
         lines.append(f"| {backend} | {cells} | {ratios} |")
     return "\n".join(lines)
 
@@ -157,8 +159,8 @@ def main() -> None:
     rows = []
     for backend in each_backend():
         for case, (fun, args) in cases().items():
-            times = measure(contenders(fun, args), calls, repeats)
-            rows.append((backend, case, times))
+            rounds = measure_rounds(contenders(fun, args), calls, repeats)
+            rows.append((backend, case, rounds))
     header = (
         "| backend | case | jax.jit hand-split µs | filterjax µs | equinox µs "
         "| filterjax / jax.jit | equinox / filterjax |"
@@ -166,14 +168,18 @@ def main() -> None:
     lines = [header, "|" + "---|" * 7]
     for backend, case, t in rows:
         base, ours, eqx_t = t["jax.jit (hand-split)"], t["filterjax"], t["equinox.filter_jit"]
+        median = statistics.median
         lines.append(
-            f"| {backend} | {case} | {base:.1f} | {ours:.1f} | {eqx_t:.1f} "
-            f"| {ours / base:.2f} | {eqx_t / ours:.1f} |"
+            f"| {backend} | {case} | {median(base):.1f} | {median(ours):.1f} "
+            f"| {median(eqx_t):.1f} | {median_ratio(ours, base):.2f} "
+            f"| {median_ratio(eqx_t, ours):.1f} |"
         )
     keyword_rows, fresh_rows = [], []
     for backend in each_backend():
-        keyword_rows.append((backend, measure(keyword_contenders(), calls, repeats)))
-        fresh_rows.append((backend, measure(fresh_wrapper_contenders(), calls // 3, repeats)))
+        keyword_rows.append((backend, measure_rounds(keyword_contenders(), calls, repeats)))
+        fresh_rows.append(
+            (backend, measure_rounds(fresh_wrapper_contenders(), calls // 3, repeats))
+        )
     table = "\n\n".join(
         [
             "\n".join(lines),
@@ -187,7 +193,8 @@ def main() -> None:
     with open(out, "w") as f:
         f.write(
             "Per-call time, median of "
-            f"{repeats} interleaved rounds of {calls} calls "
+            f"{repeats} interleaved rounds of {calls} calls; ratios are medians of the "
+            "per-round ratios "
             "(`python benches/bench_jit.py`), jax "
             f"{jax.__version__}, equinox {eqx.__version__}.\n\n{table}\n"
         )

@@ -15,6 +15,8 @@ and an `equinox.nn.MLP` whose depth is chosen to give that many leaves.
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import os
 import platform
 import statistics
@@ -107,6 +109,168 @@ def filter_operations(tree) -> dict[str, Callable[[], object]]:
 
 
 # --------------------------------------------------------------------------------------------
+# One node of each kind: the cost of the core against `tree_flatten` per node kind
+# --------------------------------------------------------------------------------------------
+
+LayerNT = collections.namedtuple("LayerNT", ["w", "b", "n", "act"])
+
+
+@jtu.register_dataclass
+@dataclasses.dataclass
+class LayerDC:
+    """`register_dataclass`: two arrays (data), an int and a str (meta)."""
+
+    w: jax.Array
+    b: jax.Array
+    n: int = dataclasses.field(metadata={"static": True})
+    act: str = dataclasses.field(metadata={"static": True})
+
+
+@jtu.register_dataclass
+@dataclasses.dataclass
+class MlpDC:
+    """Three `LayerDC`s in a `register_dataclass` node."""
+
+    layers: tuple
+    name: str = dataclasses.field(metadata={"static": True})
+
+
+class LayerNode:
+    """`register_pytree_node`: all four fields are children."""
+
+    def __init__(self, w, b, n, act):
+        self.w, self.b, self.n, self.act = w, b, n, act
+
+
+jtu.register_pytree_node(
+    LayerNode, lambda x: ((x.w, x.b, x.n, x.act), None), lambda _, c: LayerNode(*c)
+)
+
+
+class LayerKeys(LayerNode):
+    """`register_pytree_with_keys`: all four fields are children, with keys."""
+
+
+jtu.register_pytree_with_keys(
+    LayerKeys,
+    lambda x: (tuple((jtu.GetAttrKey(k), getattr(x, k)) for k in ("w", "b", "n", "act")), None),
+    lambda _, c: LayerKeys(*c),
+    lambda x: ((x.w, x.b, x.n, x.act), None),
+)
+
+
+class LayerEqx(eqx.Module):
+    w: jax.Array
+    b: jax.Array
+    n: int
+    act: str
+
+
+class MlpEqx(eqx.Module):
+    layers: tuple
+    name: str
+
+
+def node_kind_trees() -> dict[str, object]:
+    """Per node kind, one node holding two small arrays, an int and a str (and nested
+    trees for the node types people build models of)."""
+    w, b = jnp.ones((4, 4)), jnp.zeros(4)
+    fields = {"w": w, "b": b, "n": 3, "act": "relu"}
+    trees: dict[str, object] = {
+        "tuple": (w, b, 3, "relu"),
+        "list": [w, b, 3, "relu"],
+        "dict": dict(fields),
+        "namedtuple": LayerNT(w, b, 3, "relu"),
+        "OrderedDict": collections.OrderedDict(fields),
+        "defaultdict": collections.defaultdict(list, fields),
+        "None (in a tuple)": (w, None, b, None),
+        "register_dataclass": LayerDC(w, b, 3, "relu"),
+        "register_dataclass, nested (3 in 1)": MlpDC(
+            tuple(LayerDC(w, b, i, "relu") for i in range(3)), "mlp"
+        ),
+        "register_pytree_node": LayerNode(w, b, 3, "relu"),
+        "register_pytree_with_keys": LayerKeys(w, b, 3, "relu"),
+        "Equinox Module": LayerEqx(w, b, 3, "relu"),
+        "Equinox Module, nested (3 in 1)": MlpEqx(
+            tuple(LayerEqx(w, b, i, "relu") for i in range(3)), "mlp"
+        ),
+    }
+    try:
+        from flax import struct
+    except ImportError:
+        return trees
+
+    @struct.dataclass
+    class LayerFlax:
+        w: jax.Array
+        b: jax.Array
+        n: int = struct.field(pytree_node=False)
+        act: str = struct.field(pytree_node=False)
+
+    trees["flax.struct dataclass"] = LayerFlax(w, b, 3, "relu")
+    return trees
+
+
+# Node kinds `jax.tree_util` flattens in C++ (the others call registered Python functions).
+CPP_KINDS = frozenset(
+    {
+        "tuple",
+        "list",
+        "dict",
+        "namedtuple",
+        "None (in a tuple)",
+        "register_dataclass",
+        "register_dataclass, nested (3 in 1)",
+        "flax.struct dataclass",
+    }
+)
+
+
+def node_kind_operations(tree) -> dict[str, Callable[[], object]]:
+    """The core's partition (native, and the Python twin) and the public helpers on the
+    current backend, against `tree_flatten`."""
+    dynamic, static = fj.partition(tree, fj.is_array)
+    leaves, treedef = jtu.tree_flatten(tree)
+    ops: dict[str, Callable[[], object]] = {
+        "tree_flatten": lambda: jtu.tree_flatten(tree),
+        "unflatten": lambda: treedef.unflatten(leaves),
+    }
+    if _native is not None:
+        ops["native partition"] = lambda: _native.flatten_split(tree)
+    ops["python partition"] = lambda: _pycore.flatten_split(tree)
+    ops["fj.partition"] = lambda: fj.partition(tree, fj.is_array)
+    ops["fj.filter"] = lambda: fj.filter(tree, fj.is_array)
+    ops["fj.combine"] = lambda: fj.combine(dynamic, static)
+    return ops
+
+
+def build_node_kind_table(results: dict) -> str:
+    names = list(next(iter(results.values())).keys())
+    core = "native partition" if "native partition" in names else "python partition"
+    ratios = [
+        (core, "≤1.0 where C++"),
+        ("python partition", ""),
+        ("fj.partition", "≤3"),
+        ("fj.filter", "≤3"),
+        ("fj.combine", "≤3"),
+    ]
+    header = ["node kind", "jax flattens in", *[f"{n} (µs)" for n in names]]
+    header += [f"{name} / tree_flatten" + (f" ({goal})" if goal else "") for name, goal in ratios]
+    # What jax.tree_util itself needs for the same outputs: one flatten plus one unflatten
+    # per tree built (partition builds two).
+    header += ["fj.partition / (flatten + 2 unflatten)", "fj.filter / (flatten + unflatten)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for kind, times in results.items():
+        row = [kind, "C++" if kind in CPP_KINDS else "Python", *[_fmt(times[n]) for n in names]]
+        row += [f"{times[name] / times['tree_flatten']:.2f}" for name, _ in ratios]
+        flatten, unflatten = times["tree_flatten"], times["unflatten"]
+        row.append(f"{times['fj.partition'] / (flatten + 2 * unflatten):.2f}")
+        row.append(f"{times['fj.filter'] / (flatten + unflatten):.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # pytest-benchmark mode
 # --------------------------------------------------------------------------------------------
 
@@ -154,6 +318,17 @@ if pytest is not None:
         tree = _cached_tree(kind, size)
         benchmark.group = f"filters-{kind}-{size}"
         benchmark(filter_operations(tree)[op])
+
+    _NODE_TREES = node_kind_trees()
+
+    @pytest.mark.parametrize("op", tuple(node_kind_operations((1,))))
+    @pytest.mark.parametrize("kind", tuple(_NODE_TREES))
+    def test_node_kinds(benchmark, kind, op):
+        ops = node_kind_operations(_NODE_TREES[kind])
+        if op not in ops:
+            pytest.skip("filterjax._native is not built")
+        benchmark.group = f"node-{kind}"
+        benchmark(ops[op])
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,10 +410,20 @@ def main(argv: list[str] | None = None) -> None:
         "--out",
         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "partition.md"),
     )
+    parser.add_argument(
+        "--node-kinds-only", action="store_true", help="only the per-node-kind table, printed"
+    )
     args = parser.parse_args(argv)
 
     if _native is not None:
         _backend.set_backend("native")
+    node_results = {}
+    for kind, tree in node_kind_trees().items():
+        node_results[kind] = measure(node_kind_operations(tree), args.repeats, args.target)
+        print(f"measured {kind}", file=sys.stderr, flush=True)
+    if args.node_kinds_only:
+        print(build_node_kind_table(node_results))
+        return
     results = {}
     filter_results = {}
     for kind in TREE_KINDS:
@@ -276,6 +461,16 @@ def main(argv: list[str] | None = None) -> None:
             "absolute times).",
             "",
             table,
+            "",
+            "## Per node kind",
+            "",
+            "One node of each kind holding two small arrays, an int and a str (the int and the "
+            "str are meta fields of the dataclasses, plain children elsewhere), and nested "
+            "models (three such nodes in one). `native partition` / `python partition` as "
+            f"above; `fj.*` on the {_backend.backend()} core, filter `fj.is_array`, combine of "
+            "the two halves. Ratios against `jax.tree_util.tree_flatten` of the same tree.",
+            "",
+            build_node_kind_table(node_results),
             "",
             "## The public filtering helpers",
             "",

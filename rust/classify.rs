@@ -1,5 +1,7 @@
 //! Process-wide Python objects the core needs, and the "is this leaf an array?" fast path.
 
+use std::sync::atomic::AtomicUsize;
+
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyComplex, PyDict, PyFloat, PyInt, PyString, PyTuple, PyType};
@@ -20,6 +22,13 @@ pub struct Globals {
     /// type -> bool answers of that `isinstance` test. Holding the types as keys keeps them
     /// alive, so a type's address is never reused for another type while it is cached.
     pub array_types: Py<PyDict>,
+    /// What `visit_other` (flatten.rs) found a type to be: `DataclassFields` for a
+    /// `register_dataclass` type read natively, True for another registered type, False for
+    /// one not in the registry. Emptied whenever the registry's size changes (a new
+    /// registration) or it holds `NODE_KINDS_MAX` types.
+    pub node_kinds: Py<PyDict>,
+    /// The registry's size when `node_kinds` was last checked.
+    pub node_kinds_registry_len: AtomicUsize,
     /// `PyTreeDef.from_node_data_and_children` and the default registry, for `__repr__`.
     pub treedef_from_node: Py<PyAny>,
     pub default_registry: Py<PyAny>,
@@ -61,6 +70,8 @@ fn load_globals(py: Python<'_>) -> PyResult<Globals> {
         registry,
         array_bases: array_bases.unbind(),
         array_types: PyDict::new(py).unbind(),
+        node_kinds: PyDict::new(py).unbind(),
+        node_kinds_registry_len: AtomicUsize::new(0),
         // jaxlib renamed `make_from_node_data_and_children` in 0.8; take whichever it has.
         treedef_from_node: match treedef.getattr("from_node_data_and_children") {
             Ok(make) => make.unbind(),

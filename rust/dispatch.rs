@@ -12,8 +12,13 @@
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyString, PyTuple};
+use std::sync::Mutex;
 
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+
+use crate::errors::Stop;
+use crate::flatten::CallKwargs;
+use crate::key::StaticKey;
 use crate::{flatten, rebuild, Truthy};
 
 /// The per-call path of a `filter_jit` function.
@@ -43,6 +48,11 @@ pub struct Dispatcher {
     /// `on_error(exception)`: the exception to raise instead of one a program raised, or
     /// None. Called only on that error path.
     on_error: Option<Py<PyAny>>,
+    /// The key of the last call found in `programs`: repeated calls with equal static
+    /// parts are compared with it in place, without making a key object.
+    last: Mutex<Option<Py<StaticKey>>>,
+    /// The last `(len(args), keyword names)` looked up in `plans` (see `keyword_shape`).
+    last_shape: Mutex<Option<(Py<PyTuple>, Py<PyList>)>>,
 }
 
 static METHOD_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -51,23 +61,28 @@ static METHOD_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 fn pick<'py>(
     source: &Bound<'py, PyAny>,
     args: &Bound<'py, PyTuple>,
-    kwargs: &Bound<'py, PyDict>,
+    kwargs: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
     if let Ok(name) = source.cast_exact::<PyString>() {
-        return kwargs.get_item(name);
+        return match kwargs {
+            Some(kwargs) => kwargs.get_item(name),
+            None => Ok(None),
+        };
     }
     let index: usize = source.extract()?;
     Ok(args.get_item(index).ok())
 }
 
-/// `(args, kwargs)` in the function's normal form, or None if the plan does not fit the
-/// call (the fallback then binds it and says what is wrong).
+/// `(args, kwargs)` in the function's normal form (kwargs None when there are none), or
+/// None if the plan does not fit the call (the fallback then binds it and says what is
+/// wrong).
+#[allow(clippy::type_complexity)]
 fn apply_plan<'py>(
     py: Python<'py>,
     plan: &Bound<'py, PyAny>,
     args: &Bound<'py, PyTuple>,
-    kwargs: &Bound<'py, PyDict>,
-) -> PyResult<Option<(Bound<'py, PyTuple>, Bound<'py, PyDict>)>> {
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Option<(Vec<Bound<'py, PyAny>>, Option<Bound<'py, PyDict>>)>> {
     let Ok(plan) = plan.cast_exact::<PyTuple>() else {
         return Ok(None);
     };
@@ -89,19 +104,107 @@ fn apply_plan<'py>(
             None => return Ok(None),
         }
     }
-    let bound_kwargs = PyDict::new(py);
-    for item in kw_sources.iter() {
-        let item = item.cast_exact::<PyTuple>()?;
-        let name = item.get_item(0)?;
-        match pick(&item.get_item(1)?, args, kwargs)? {
-            Some(value) => bound_kwargs.set_item(name, value)?,
-            None => return Ok(None),
+    let bound_kwargs = if kw_sources.is_empty() {
+        None
+    } else {
+        let bound = PyDict::new(py);
+        for item in kw_sources.iter() {
+            let item = item.cast_exact::<PyTuple>()?;
+            let name = item.get_item(0)?;
+            match pick(&item.get_item(1)?, args, kwargs)? {
+                Some(value) => bound.set_item(name, value)?,
+                None => return Ok(None),
+            }
         }
-    }
-    Ok(Some((PyTuple::new(py, bound_args)?, bound_kwargs)))
+        Some(bound)
+    };
+    Ok(Some((bound_args, bound_kwargs)))
 }
 
 impl Dispatcher {
+    /// The program compiled for the key these parts make (None if there is none yet), and
+    /// the dynamic leaves to call it with.
+    ///
+    /// Parts equal to the key of this dispatcher's last hit are looked up by that key, with
+    /// no new key object; otherwise a key is made and, if found, remembered for next time.
+    /// The table is consulted either way, so a cleared or evicted program is never called.
+    #[allow(clippy::type_complexity)]
+    fn lookup<'py>(
+        &self,
+        py: Python<'py>,
+        parts: flatten::Parts<'py>,
+        hash: isize,
+    ) -> PyResult<Option<(Bound<'py, PyAny>, Bound<'py, PyList>)>> {
+        let programs = self.programs.bind(py);
+        let last = self.last_key(py);
+        if let Some(last) = last {
+            let known = last.get();
+            if known.cached_hash() == Some(hash) && parts.equal_to(py, known)? {
+                let mut parts = parts;
+                let dynamic = parts.take_dynamic(py)?;
+                parts.recycle();
+                return Ok(programs.get_item(&last)?.map(|p| (p, dynamic)));
+            }
+        }
+        let (dynamic, key) = parts.into_key(py, Some(hash))?;
+        let key = Bound::new(py, key)?;
+        let Some(program) = programs.get_item(&key)? else {
+            return Ok(None);
+        };
+        let remembered = table_key(programs, &program, hash).unwrap_or(key);
+        self.remember(remembered.unbind());
+        Ok(Some((program, dynamic)))
+    }
+
+    /// `(len(args), keyword names)`, the plan table's key for a call with keywords, and
+    /// the names sorted. The last ones made are reused while calls pass the same names (the
+    /// same string objects, in the same order), as repeated calls from one call site do.
+    fn keyword_shape<'py>(
+        &self,
+        py: Python<'py>,
+        num_args: usize,
+        kwargs: &Bound<'py, PyDict>,
+    ) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyList>)> {
+        let last = self.last_shape.lock().ok().and_then(|guard| {
+            guard
+                .as_ref()
+                .map(|(shape, sorted)| (shape.bind(py).clone(), sorted.bind(py).clone()))
+        });
+        if let Some((shape, sorted)) = last {
+            if same_shape(&shape, num_args, kwargs)? {
+                return Ok((shape, sorted));
+            }
+        }
+        let names = PyTuple::new(py, kwargs.keys())?;
+        let sorted = kwargs.keys();
+        sorted.sort()?;
+        let shape = PyTuple::new(
+            py,
+            [num_args.into_pyobject(py)?.into_any(), names.into_any()],
+        )?;
+        let previous = match self.last_shape.lock() {
+            Ok(mut guard) => guard.replace((shape.clone().unbind(), sorted.clone().unbind())),
+            Err(_) => None,
+        };
+        drop(previous);
+        Ok((shape, sorted))
+    }
+
+    fn last_key<'py>(&self, py: Python<'py>) -> Option<Bound<'py, StaticKey>> {
+        let guard = self.last.lock().ok()?;
+        guard.as_ref().map(|k| k.bind(py).clone())
+    }
+
+    fn remember(&self, key: Py<StaticKey>) {
+        let previous = match self.last.lock() {
+            Ok(mut guard) => guard.replace(key),
+            Err(_) => Some(key),
+        };
+        // Released after the lock: freeing a key can run arbitrary Python (a static
+        // leaf's `__del__`), which may call this dispatcher again.
+        drop(previous);
+    }
+
     /// What `on_error` makes of an error a program raised (the error itself if it has
     /// no answer, or if asking it fails).
     fn translate(&self, py: Python<'_>, err: PyErr) -> PyErr {
@@ -113,6 +216,47 @@ impl Dispatcher {
             _ => err,
         }
     }
+}
+
+/// Is `shape` the `(num_args, names)` of a call with these keyword arguments, names
+/// compared by identity?
+fn same_shape(
+    shape: &Bound<'_, PyTuple>,
+    num_args: usize,
+    kwargs: &Bound<'_, PyDict>,
+) -> PyResult<bool> {
+    if shape.get_item(0)?.extract::<usize>()? != num_args {
+        return Ok(false);
+    }
+    let names = shape.get_item(1)?;
+    let names = names.cast_exact::<PyTuple>()?;
+    if names.len() != kwargs.len() {
+        return Ok(false);
+    }
+    Ok(names
+        .iter()
+        .zip(kwargs.iter())
+        .all(|(name, (given, _))| name.is(&given)))
+}
+
+/// Most table entries searched for the key object the table itself holds.
+const TABLE_SCAN_MAX: usize = 16;
+
+/// The key object `programs` holds for `program` (found by the program's identity and the
+/// key's hash), if the table is small enough to search. Looking a key up by the table's
+/// own object is an identity match: no `__eq__` call.
+fn table_key<'py>(
+    programs: &Bound<'py, PyDict>,
+    program: &Bound<'py, PyAny>,
+    hash: isize,
+) -> Option<Bound<'py, StaticKey>> {
+    if programs.len() > TABLE_SCAN_MAX {
+        return None;
+    }
+    programs.iter().find_map(|(key, value)| {
+        let key = key.cast_into_exact::<StaticKey>().ok()?;
+        (value.is(program) && key.get().cached_hash() == Some(hash)).then_some(key)
+    })
 }
 
 #[pymethods]
@@ -150,6 +294,8 @@ impl Dispatcher {
             leading: leading.unbind(),
             fast: fast.0,
             on_error: on_error.filter(|f| !f.is_none(py)),
+            last: Mutex::new(None),
+            last_shape: Mutex::new(None),
         })
     }
 
@@ -166,54 +312,69 @@ impl Dispatcher {
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let kwargs = match kwargs {
-            Some(k) => k.clone(),
-            None => PyDict::new(py),
-        };
+        // No keyword arguments: no dict, unless the call leaves the fast path.
+        let kwargs = kwargs.filter(|k| !k.is_empty());
         let leading = self.leading.bind(py);
-        let fallback = |args: &Bound<'py, PyTuple>, kwargs: Bound<'py, PyDict>| {
+        let fallback = || {
+            let kwargs = match kwargs {
+                Some(k) => k.clone(),
+                None => PyDict::new(py),
+            };
             self.fallback.bind(py).call1((leading, args, kwargs))
         };
         if !self.fast {
-            return fallback(args, kwargs);
+            return fallback();
         }
-        let shape = if kwargs.is_empty() {
-            args.len().into_pyobject(py)?.into_any()
-        } else {
-            let names = PyTuple::new(py, kwargs.keys())?;
-            PyTuple::new(
-                py,
-                [args.len().into_pyobject(py)?.into_any(), names.into_any()],
-            )?
-            .into_any()
-        };
-        let Some(plan) = self.plans.bind(py).get_item(&shape)? else {
-            return fallback(args, kwargs);
-        };
-        let tree = if plan.is(&self.identity_plan) {
-            PyTuple::new(py, [args.as_any(), kwargs.as_any()])?
-        } else {
-            match apply_plan(py, &plan, args, &kwargs)? {
-                Some((bound_args, bound_kwargs)) => {
-                    PyTuple::new(py, [bound_args.into_any(), bound_kwargs.into_any()])?
-                }
-                None => return fallback(args, kwargs),
+        let plans = self.plans.bind(py);
+        let (plan, sorted_keys) = match kwargs {
+            None => (plans.get_item(args.len())?, None),
+            Some(kwargs) => {
+                let (shape, sorted) = self.keyword_shape(py, args.len(), kwargs)?;
+                (plans.get_item(shape)?, Some(sorted))
             }
         };
-        let (dynamic, key) = match flatten::flatten_split(py, tree.as_any(), None, None, true) {
+        let Some(plan) = plan else {
+            return fallback();
+        };
+        let parts = if plan.is(&self.identity_plan) {
+            let kwargs = kwargs.map(|dict| CallKwargs {
+                dict,
+                sorted_keys: sorted_keys.as_ref(),
+            });
+            flatten::partition_call(py, args, kwargs)
+        } else {
+            match apply_plan(py, &plan, args, kwargs)? {
+                Some((bound_args, bound_kwargs)) => {
+                    let kwargs = bound_kwargs.as_ref().map(|dict| CallKwargs {
+                        dict,
+                        sorted_keys: None,
+                    });
+                    flatten::partition_bound_call(py, &bound_args, kwargs)
+                }
+                None => return fallback(),
+            }
+        };
+        let parts = match parts {
             Ok(parts) => parts,
             // The fallback partitions again and raises the error with the call's names.
-            Err(err) if err.is_instance_of::<PyException>(py) => return fallback(args, kwargs),
-            Err(err) => return Err(err),
+            Err(Stop::Raised(err)) if !err.is_instance_of::<PyException>(py) => return Err(err),
+            Err(_) => return fallback(),
         };
-        let program = match self.programs.bind(py).get_item(&key) {
-            Ok(Some(program)) => program,
+        let hash = match parts.hash(py) {
+            Ok(hash) => hash,
+            // An unhashable static leaf: the fallback says which.
+            Err(failure) if failure.err.is_instance_of::<PyException>(py) => return fallback(),
+            Err(failure) => return Err(failure.err),
+        };
+        let program = match self.lookup(py, parts, hash) {
+            Ok(Some(found)) => found,
             // A static signature not compiled yet, or a static leaf whose `__eq__` raised
             // (the fallback says which leaf it was).
-            Ok(None) => return fallback(args, kwargs),
-            Err(err) if err.is_instance_of::<PyException>(py) => return fallback(args, kwargs),
+            Ok(None) => return fallback(),
+            Err(err) if err.is_instance_of::<PyException>(py) => return fallback(),
             Err(err) => return Err(err),
         };
+        let (program, dynamic) = program;
         // Two flat sequences, not one positional argument per leaf: JAX flattens a list in
         // one pass, but builds a tree structure per positional argument.
         let called = if leading.is_empty() {
@@ -265,6 +426,13 @@ impl Dispatcher {
         if let Some(on_error) = &self.on_error {
             visit.call(on_error)?;
         }
+        // Never contended here: the lock is only held for a reference count change.
+        if let Ok(last) = self.last.try_lock() {
+            if let Some(key) = last.as_ref() {
+                visit.call(key)?;
+            }
+        }
+        // `last_shape` holds only ints and strings, which can't be part of a cycle.
         Ok(())
     }
 }

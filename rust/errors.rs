@@ -127,9 +127,11 @@ pub fn static_equality(py: Python<'_>, err: &PyErr, static_index: usize, leaf: &
         STATIC_EQ_NOTE.0, STATIC_EQ_NOTE.1, STATIC_EQ_NOTE.2
     );
     // Notes are a courtesy: failing to add one must not replace the user's exception.
-    let _ = err
-        .value(py)
-        .call_method1(pyo3::intern!(py, "add_note"), (note,));
+    let value = err.value(py);
+    let _ = value.call_method1(pyo3::intern!(py, "add_note"), (note,));
+    // Which static leaf it was, for callers that name it by its path
+    // (`filterjax._errors.STATIC_INDEX_ATTR`).
+    let _ = value.setattr(pyo3::intern!(py, "_filterjax_static_index"), static_index);
 }
 
 /// The note's wording, shared with `_pycore` (`filterjax._errors.static_equality_note`).

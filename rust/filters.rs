@@ -16,6 +16,7 @@ use pyo3::types::{PyBool, PyDict, PyList, PyTuple};
 use std::sync::RwLock;
 
 use crate::classify::{self, Globals};
+use crate::dataclass::DataclassFields;
 use crate::errors;
 use crate::flatten::{self, Flattener};
 use crate::key::Node;
@@ -210,11 +211,24 @@ fn up_to<'py>(
                 }
             }
             Node::Custom {
-                kind, aux, arity, ..
+                kind,
+                aux,
+                arity,
+                from_iter,
             } => {
                 let kind = kind.bind(py);
                 if !obj.get_type().is(kind) {
                     return Ok(None);
+                }
+                if let Ok(fields) = from_iter.bind(py).cast_exact::<DataclassFields>() {
+                    let fields = fields.get();
+                    if aux.bind(py).ne(fields.meta(&obj)?)? || fields.num_data() != *arity {
+                        return Ok(None);
+                    }
+                    for index in 0..*arity {
+                        stack.push(fields.child(&obj, index)?);
+                    }
+                    continue;
                 }
                 let Some(entry) = g.registry.bind(py).get_item(kind)? else {
                     return Ok(None);

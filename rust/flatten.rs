@@ -1,20 +1,26 @@
 //! `flatten_split`: flatten a PyTree exactly as `jax.tree_util.tree_flatten` does, sort each
 //! leaf into dynamic or static, and build the `StaticKey`, all in one pass.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pyo3::exceptions::PyKeyError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyIterator, PyList, PyTuple, PyType};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyDict, PyIterator, PyList, PyTuple, PyType};
 use pyo3::{ffi, PyTypeInfo};
 
 use crate::classify::{self, Globals};
+use crate::dataclass::{self, DataclassFields};
 use crate::errors::{self, Stop};
-use crate::key::{Node, StaticKey};
+use crate::key::{hash_parts, HashFailure, Node, StaticKey};
 
 /// Deepest nesting accepted whatever `sys.getrecursionlimit()` says. The walk keeps its own
 /// stack on the heap (a few words per level), so this only bounds memory for absurd limits.
 const MAX_DEPTH: usize = 1_000_000;
+
+/// Most types remembered in `Globals::node_kinds` before it is emptied.
+const NODE_KINDS_MAX: usize = 4096;
 
 /// What an open node is once all its children are flattened.
 enum Finish<'py> {
@@ -39,6 +45,8 @@ enum Children<'py> {
     DictValues(Bound<'py, PyDict>, Bound<'py, PyList>),
     /// Values of another mapping, looked up with its `__getitem__` by ordered keys.
     MappingValues(Bound<'py, PyAny>, Bound<'py, PyTuple>),
+    /// The data fields of a `register_dataclass` node, read with `getattr`.
+    Fields(Bound<'py, PyAny>, Bound<'py, DataclassFields>),
     Iter(Bound<'py, PyIterator>),
 }
 
@@ -86,6 +94,7 @@ impl<'py> Open<'py> {
             Children::MappingValues(mapping, keys) => {
                 mapping.get_item(keys.get_item(self.next)?)?
             }
+            Children::Fields(obj, fields) => fields.get().child(obj, self.next)?,
         };
         self.next += 1;
         Ok(Some(child))
@@ -146,6 +155,8 @@ pub(crate) struct Flattener<'a, 'py> {
     /// successful flatten, so a flatten error found later must win over this one. The
     /// failing leaf's index is `mask.len()`: nothing more is classified after it.
     pub(crate) pending: Option<PyErr>,
+    /// The walk's stack of open nodes, kept between runs.
+    stack: Vec<Open<'py>>,
 }
 
 impl<'a, 'py> Flattener<'a, 'py> {
@@ -154,6 +165,28 @@ impl<'a, 'py> Flattener<'a, 'py> {
         g: &'a Globals,
         is_leaf: Option<&'a Bound<'py, PyAny>>,
     ) -> Self {
+        let (nodes, dynamic, statics, mask) = match SPARE.with(|spare| spare.borrow_mut().take()) {
+            Some(spare) => (
+                spare.nodes,
+                spare
+                    .dynamic
+                    .into_iter()
+                    .map(|p| p.into_bound(py))
+                    .collect(),
+                spare
+                    .statics
+                    .into_iter()
+                    .map(|p| p.into_bound(py))
+                    .collect(),
+                spare.mask,
+            ),
+            None => (
+                Vec::with_capacity(HINT_NODES.get()),
+                Vec::with_capacity(HINT_DYNAMIC.get()),
+                Vec::with_capacity(HINT_STATIC.get()),
+                Vec::with_capacity(HINT_LEAVES.get()),
+            ),
+        };
         Flattener {
             py,
             g,
@@ -162,11 +195,12 @@ impl<'a, 'py> Flattener<'a, 'py> {
             none_is_leaf: false,
             is_leaf,
             limit: recursion_limit(),
-            nodes: Vec::with_capacity(HINT_NODES.get()),
-            dynamic: Vec::with_capacity(HINT_DYNAMIC.get()),
-            statics: Vec::with_capacity(HINT_STATIC.get()),
-            mask: Vec::with_capacity(HINT_LEAVES.get()),
+            nodes,
+            dynamic,
+            statics,
+            mask,
             pending: None,
+            stack: Vec::new(),
         }
     }
 
@@ -174,14 +208,62 @@ impl<'a, 'py> Flattener<'a, 'py> {
     /// can overflow the Rust stack. Nodes are recorded in post-order, like jax's. Appends
     /// to what earlier runs recorded.
     pub(crate) fn run(&mut self, tree: &Bound<'py, PyAny>) -> Result<(), Stop> {
-        let mut stack: Vec<Open<'py>> = Vec::with_capacity(8);
-        if let Some(open) = self.visit(tree.clone(), 0)? {
-            stack.push(open);
+        self.run_from(tree, 0)
+    }
+
+    /// `run` for a tree that sits at `depth` inside a larger one.
+    /// `run_from` on a dict whose keys, sorted, are known to be `sorted_keys`.
+    fn run_dict_from(
+        &mut self,
+        dict: &Bound<'py, PyDict>,
+        sorted_keys: &Bound<'py, PyList>,
+        depth: usize,
+    ) -> Result<(), Stop> {
+        let root = Open::new(
+            Children::DictValues(dict.clone(), sorted_keys.clone()),
+            sorted_keys.len(),
+            Finish::Dict(sorted_keys.clone()),
+        );
+        let mut stack = std::mem::take(&mut self.stack);
+        let done = self.walk_open(&mut stack, root, depth);
+        stack.clear();
+        self.stack = stack;
+        done
+    }
+
+    fn run_from(&mut self, tree: &Bound<'py, PyAny>, depth: usize) -> Result<(), Stop> {
+        // One stack for every run of this flattener (empty between runs).
+        let mut stack = std::mem::take(&mut self.stack);
+        let done = self.walk(&mut stack, tree, depth);
+        stack.clear();
+        self.stack = stack;
+        done
+    }
+
+    fn walk(
+        &mut self,
+        stack: &mut Vec<Open<'py>>,
+        tree: &Bound<'py, PyAny>,
+        depth: usize,
+    ) -> Result<(), Stop> {
+        match self.visit(tree.clone(), depth)? {
+            Some(open) => self.walk_open(stack, open, depth),
+            None => Ok(()),
         }
+    }
+
+    /// The rest of `walk` once its root is open.
+    fn walk_open(
+        &mut self,
+        stack: &mut Vec<Open<'py>>,
+        root: Open<'py>,
+        depth: usize,
+    ) -> Result<(), Stop> {
+        stack.push(root);
         while let Some(top) = stack.last_mut() {
             match top.next_child()? {
                 Some(child) => {
-                    let depth = stack.len();
+                    let depth = depth + stack.len();
                     if let Some(open) = self.visit(child, depth)? {
                         stack.push(open);
                     }
@@ -275,9 +357,34 @@ impl<'a, 'py> Flattener<'a, 'py> {
     /// Registered custom nodes, namedtuples and leaves of other types.
     #[inline(never)]
     fn visit_other(&mut self, obj: Bound<'py, PyAny>) -> Result<Option<Open<'py>>, Stop> {
+        let py = self.py;
         let kind = obj.get_type();
-        if let Some(entry) = self.g.registry.bind(self.py).get_item(&kind)? {
-            return self.open_custom(&obj, kind, &entry).map(Some);
+        let registry = self.g.registry.bind(py);
+        let known = self.node_kinds(registry)?;
+        let registered = match known.get_item(&kind)? {
+            Some(answer) => match answer.cast_into::<DataclassFields>() {
+                Ok(fields) => return self.open_dataclass(obj, kind, fields).map(Some),
+                Err(answer) => answer.into_inner().is_truthy()?,
+            },
+            None => {
+                let answer = match registry.get_item(&kind)? {
+                    Some(entry) => match dataclass::read(&kind, &entry)? {
+                        Some(fields) => fields.into_any(),
+                        None => PyBool::new(py, true).to_owned().into_any(),
+                    },
+                    None => PyBool::new(py, false).to_owned().into_any(),
+                };
+                known.set_item(&kind, &answer)?;
+                if let Ok(fields) = answer.cast_into::<DataclassFields>() {
+                    return self.open_dataclass(obj, kind, fields).map(Some);
+                }
+                registry.contains(&kind)?
+            }
+        };
+        if registered {
+            if let Some(entry) = registry.get_item(&kind)? {
+                return self.open_custom(&obj, kind, &entry).map(Some);
+            }
         }
         if obj.is_instance_of::<PyTuple>() && has_fields(&obj) {
             let tuple = obj.cast_into::<PyTuple>().map_err(PyErr::from)?;
@@ -290,6 +397,20 @@ impl<'a, 'py> Flattener<'a, 'py> {
         }
         self.leaf(obj);
         Ok(None)
+    }
+
+    /// The cache of what types are (see `Globals::node_kinds`), emptied first if the
+    /// registry has grown or changed size since, or if it is full.
+    #[inline]
+    fn node_kinds(&self, registry: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+        let known = self.g.node_kinds.bind(self.py);
+        let size = registry.len();
+        let checked = &self.g.node_kinds_registry_len;
+        if checked.load(Ordering::Relaxed) != size || known.len() >= NODE_KINDS_MAX {
+            known.clear();
+            checked.store(size, Ordering::Relaxed);
+        }
+        Ok(known.clone())
     }
 
     /// `is_leaf(obj)`, accepting only what jax accepts: True, False or None.
@@ -310,8 +431,13 @@ impl<'a, 'py> Flattener<'a, 'py> {
     #[inline(never)]
     fn open_dict(&mut self, obj: &Bound<'py, PyAny>) -> Result<Open<'py>, Stop> {
         let dict = obj.cast::<PyDict>().map_err(PyErr::from)?;
-        let keys = dict.keys();
-        keys.sort()?;
+        let keys = if dict.is_empty() {
+            empty_keys(self.py)?
+        } else {
+            let keys = dict.keys();
+            keys.sort()?;
+            keys
+        };
         let len = keys.len();
         Ok(Open::new(
             Children::DictValues(dict.clone(), keys.clone()),
@@ -345,6 +471,24 @@ impl<'a, 'py> Flattener<'a, 'py> {
             len,
             Finish::DefaultDict(factory, keys),
         ))
+    }
+
+    /// A `register_dataclass` node, as jaxlib reads it: the data fields are its children,
+    /// the tuple of its meta fields its node data. Rebuilt by calling the type (rebuild.rs).
+    fn open_dataclass(
+        &mut self,
+        obj: Bound<'py, PyAny>,
+        kind: Bound<'py, PyType>,
+        fields: Bound<'py, DataclassFields>,
+    ) -> Result<Open<'py>, Stop> {
+        let aux = fields.get().meta(&obj)?.into_any();
+        let len = fields.get().num_data();
+        let finish = Finish::Custom {
+            kind,
+            aux,
+            from_iter: fields.clone().into_any(),
+        };
+        Ok(Open::new(Children::Fields(obj, fields), len, finish))
     }
 
     #[inline(never)]
@@ -432,6 +576,170 @@ fn recursion_limit() -> usize {
     usize::try_from(limit).unwrap_or(0).min(MAX_DEPTH)
 }
 
+/// The sorted keys of every empty dict: one list, never mutated, instead of a new one per
+/// node.
+fn empty_keys(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
+    static EMPTY: PyOnceLock<Py<PyList>> = PyOnceLock::new();
+    let keys = EMPTY.get_or_try_init(py, || -> PyResult<_> { Ok(PyList::empty(py).unbind()) })?;
+    Ok(keys.bind(py).clone())
+}
+
+/// The emptied buffers of parts that were only compared (`Parts::recycle`), for the next
+/// flatten on this thread: a repeated call then allocates none. Always empty of objects.
+struct Spare {
+    nodes: Vec<Node>,
+    dynamic: Vec<Py<PyAny>>,
+    statics: Vec<Py<PyAny>>,
+    mask: Vec<bool>,
+}
+
+thread_local! {
+    static SPARE: RefCell<Option<Spare>> = const { RefCell::new(None) };
+}
+
+/// A tree flattened and its leaves sorted, not (yet) made into a `StaticKey`.
+pub struct Parts<'py> {
+    pub nodes: Vec<Node>,
+    pub dynamic: Vec<Bound<'py, PyAny>>,
+    pub statics: Vec<Bound<'py, PyAny>>,
+    pub mask: Vec<bool>,
+}
+
+impl<'py> Parts<'py> {
+    /// The key's hash for these parts (`StaticKey::compute_hash` of the key they make).
+    pub fn hash(&self, py: Python<'py>) -> Result<isize, HashFailure> {
+        hash_parts(py, &self.nodes, &self.mask, self.statics.len(), |i| {
+            Ok(self.statics[i].clone())
+        })
+    }
+
+    /// Do these parts make a key equal to `key`? (`key == StaticKey(parts)`.)
+    pub fn equal_to(&self, py: Python<'py>, key: &StaticKey) -> PyResult<bool> {
+        key.equal_to_parts(py, &self.nodes, &self.mask, self.statics.len(), |i| {
+            Ok(self.statics[i].clone())
+        })
+    }
+
+    /// The dynamic leaves, as a list, leaving the rest of the parts as they were.
+    pub fn take_dynamic(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.dynamic.drain(..))
+    }
+
+    /// Keep these parts' buffers for the next flatten on this thread.
+    pub fn recycle(mut self) {
+        // Emptied before the thread-local is touched: releasing a leaf can run Python code
+        // (a `__del__`), which may flatten again.
+        self.nodes.clear();
+        self.dynamic.clear();
+        self.statics.clear();
+        self.mask.clear();
+        let spare = Spare {
+            nodes: self.nodes,
+            // Empty, so these reuse the buffers as they are.
+            dynamic: self.dynamic.into_iter().map(Bound::unbind).collect(),
+            statics: self.statics.into_iter().map(Bound::unbind).collect(),
+            mask: self.mask,
+        };
+        SPARE.with(|slot| *slot.borrow_mut() = Some(spare));
+    }
+
+    /// The dynamic leaves (a list) and the key, whose hash is `hash` if given.
+    pub fn into_key(
+        self,
+        py: Python<'py>,
+        hash: Option<isize>,
+    ) -> PyResult<(Bound<'py, PyList>, StaticKey)> {
+        let num_dynamic = self.dynamic.len();
+        let dynamic = PyList::new(py, self.dynamic)?;
+        let statics = PyTuple::new(py, self.statics)?.unbind();
+        let key = match hash {
+            Some(h) => StaticKey::with_hash(self.nodes, statics, self.mask, num_dynamic, h),
+            None => StaticKey::new(self.nodes, statics, self.mask, num_dynamic),
+        };
+        Ok((dynamic, key))
+    }
+}
+
+impl<'a, 'py> Flattener<'a, 'py> {
+    /// What was flattened, or the first error classifying a leaf. Remembers the sizes as
+    /// the next call's capacity hints.
+    fn into_parts(self) -> PyResult<Parts<'py>> {
+        if let Some(err) = self.pending {
+            return Err(err);
+        }
+        HINT_NODES.set(self.nodes.len());
+        HINT_DYNAMIC.set(self.dynamic.len());
+        HINT_STATIC.set(self.statics.len());
+        HINT_LEAVES.set(self.mask.len());
+        Ok(Parts {
+            nodes: self.nodes,
+            dynamic: self.dynamic,
+            statics: self.statics,
+            mask: self.mask,
+        })
+    }
+}
+
+/// The parts of `partition((args, kwargs))` (kwargs None: an empty dict), made without
+/// building that tuple or dict. A flatten error is returned bare, without the diagnosis
+/// `partition` adds.
+pub fn partition_call<'py>(
+    py: Python<'py>,
+    args: &Bound<'py, PyTuple>,
+    kwargs: Option<CallKwargs<'_, 'py>>,
+) -> Result<Parts<'py>, Stop> {
+    let g = classify::globals(py)?;
+    let mut f = Flattener::new(py, g, None);
+    // The pair is the root (depth 0); its two children sit at depth 1.
+    f.run_from(args.as_any(), 1)?;
+    finish_call(py, f, kwargs)
+}
+
+/// `partition_call` for positional arguments given one by one (as a binding plan picks
+/// them), without making their tuple.
+pub fn partition_bound_call<'py>(
+    py: Python<'py>,
+    args: &[Bound<'py, PyAny>],
+    kwargs: Option<CallKwargs<'_, 'py>>,
+) -> Result<Parts<'py>, Stop> {
+    let g = classify::globals(py)?;
+    let mut f = Flattener::new(py, g, None);
+    for arg in args {
+        f.run_from(arg, 2)?;
+    }
+    f.nodes.push(Node::Tuple(args.len()));
+    finish_call(py, f, kwargs)
+}
+
+/// A call's keyword arguments, with their names sorted if already known.
+#[derive(Clone, Copy)]
+pub struct CallKwargs<'a, 'py> {
+    pub dict: &'a Bound<'py, PyDict>,
+    /// `sorted(dict)`, if known; must be exactly that.
+    pub sorted_keys: Option<&'a Bound<'py, PyList>>,
+}
+
+/// The keyword half of a call's `(args, kwargs)` pair, then the pair itself.
+fn finish_call<'py>(
+    py: Python<'py>,
+    mut f: Flattener<'_, 'py>,
+    kwargs: Option<CallKwargs<'_, 'py>>,
+) -> Result<Parts<'py>, Stop> {
+    match kwargs {
+        Some(CallKwargs {
+            dict,
+            sorted_keys: Some(keys),
+        }) => f.run_dict_from(dict, keys, 1)?,
+        Some(CallKwargs { dict, .. }) => f.run_from(dict.as_any(), 1)?,
+        None => f.nodes.push(Node::Dict {
+            keys: empty_keys(py)?.unbind(),
+            arity: 0,
+        }),
+    }
+    f.nodes.push(Node::Tuple(2));
+    Ok(f.into_parts()?)
+}
+
 pub fn flatten_split<'py>(
     py: Python<'py>,
     tree: &Bound<'py, PyAny>,
@@ -445,17 +753,7 @@ pub fn flatten_split<'py>(
     if let Err(stop) = f.run(tree) {
         return Err(errors::flatten_failed(py, tree, is_leaf, stop));
     }
-    if let Some(err) = f.pending {
-        return Err(err);
-    }
-    let num_dynamic = f.dynamic.len();
-    HINT_NODES.set(f.nodes.len());
-    HINT_DYNAMIC.set(num_dynamic);
-    HINT_STATIC.set(f.statics.len());
-    HINT_LEAVES.set(f.mask.len());
-    let dynamic = PyList::new(py, f.dynamic)?;
-    let statics = PyTuple::new(py, f.statics)?;
-    let key = StaticKey::new(f.nodes, statics.unbind(), f.mask, num_dynamic);
+    let (dynamic, key) = f.into_parts()?.into_key(py, None)?;
     if hashed {
         if let Err(failure) = key.compute_hash(py) {
             let statics = key.statics.bind(py);

@@ -178,6 +178,76 @@ fn mix(h: u64, v: u64) -> u64 {
     (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
 }
 
+/// The hash of a key made of these parts: node kinds, arities, dict keys, node types, the
+/// mask and every static leaf; never custom aux data (jax does not require it to be
+/// hashable). `static_at(i)` gives the `i`-th of `num_statics` static leaves.
+pub fn hash_parts<'py>(
+    py: Python<'py>,
+    nodes: &[Node],
+    mask: &[bool],
+    num_statics: usize,
+    static_at: impl Fn(usize) -> PyResult<Bound<'py, PyAny>>,
+) -> Result<isize, HashFailure> {
+    let mut h: u64 = 0x2545_F491_4F6C_DD1D ^ nodes.len() as u64;
+    let hash_of = |obj: &Bound<'_, PyAny>| -> u64 {
+        // Dict keys are hashable (they are in a dict); should one still fail, leave it
+        // out rather than fail: equal keys then still collide, which is allowed.
+        obj.hash().map(|v| v as u64).unwrap_or(0)
+    };
+    for node in nodes {
+        h = mix(h, node.tag() | (node.arity() as u64) << 8);
+        match node {
+            Node::Dict { keys, .. } => {
+                for k in keys.bind(py).iter() {
+                    h = mix(h, hash_of(&k));
+                }
+            }
+            Node::OrderedDict { keys, .. } | Node::DefaultDict { keys, .. } => {
+                for k in keys.bind(py).iter() {
+                    h = mix(h, hash_of(&k));
+                }
+            }
+            Node::NamedTuple { kind, .. } => h = mix(h, hash_of(kind.bind(py).as_any())),
+            Node::Custom { kind, .. } => h = mix(h, kind.as_ptr() as u64),
+            _ => {}
+        }
+    }
+    let mut bits: u64 = 0;
+    for (i, &m) in mask.iter().enumerate() {
+        bits = (bits << 1) | m as u64;
+        if i % 64 == 63 {
+            h = mix(h, bits);
+            bits = 0;
+        }
+    }
+    h = mix(h, bits ^ mask.len() as u64);
+    for static_index in 0..num_statics {
+        let hashed = static_at(static_index).and_then(|leaf| leaf.hash());
+        match hashed {
+            Ok(v) => h = mix(h, v as u64),
+            Err(err) => return Err(HashFailure { static_index, err }),
+        }
+    }
+    let out = (h ^ (h >> 32)) as isize;
+    Ok(if out == HASH_UNSET { -2 } else { out })
+}
+
+/// Do two nodes sequences describe the same structure (kinds, arities, node data)?
+fn nodes_equal(py: Python<'_>, a: &[Node], b: &[Node]) -> PyResult<bool> {
+    if a.len() != b.len() {
+        return Ok(false);
+    }
+    for (x, y) in a.iter().zip(b.iter()) {
+        if x.tag() != y.tag() || x.arity() != y.arity() {
+            return Ok(false);
+        }
+        if !node_data_equal(py, x, y)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Everything about a partitioned PyTree except its dynamic leaves.
 ///
 /// Immutable. Equal structure and equal, same-typed static leaves give equal keys with
@@ -216,68 +286,35 @@ impl StaticKey {
     }
 
     #[inline]
-    fn cached_hash(&self) -> Option<isize> {
+    pub(crate) fn cached_hash(&self) -> Option<isize> {
         let h = self.hash.load(Ordering::Relaxed);
         (h != HASH_UNSET).then_some(h)
     }
 
-    /// The key's hash, computed once. Hashes node kinds, arities, dict keys, node types,
-    /// the mask and every static leaf; never custom aux data (jax does not require it to
-    /// be hashable).
+    /// The key's hash, computed once (see `hash_parts`).
     pub fn compute_hash(&self, py: Python<'_>) -> Result<isize, HashFailure> {
         if let Some(h) = self.cached_hash() {
             return Ok(h);
         }
-        let mut h: u64 = 0x2545_F491_4F6C_DD1D ^ self.nodes.len() as u64;
-        let hash_of = |obj: &Bound<'_, PyAny>| -> u64 {
-            // Dict keys are hashable (they are in a dict); should one still fail, leave it
-            // out rather than fail: equal keys then still collide, which is allowed.
-            obj.hash().map(|v| v as u64).unwrap_or(0)
-        };
-        for node in &self.nodes {
-            h = mix(h, node.tag() | (node.arity() as u64) << 8);
-            match node {
-                Node::Dict { keys, .. } => {
-                    for k in keys.bind(py).iter() {
-                        h = mix(h, hash_of(&k));
-                    }
-                }
-                Node::OrderedDict { keys, .. } | Node::DefaultDict { keys, .. } => {
-                    for k in keys.bind(py).iter() {
-                        h = mix(h, hash_of(&k));
-                    }
-                }
-                Node::NamedTuple { kind, .. } => h = mix(h, hash_of(kind.bind(py).as_any())),
-                Node::Custom { kind, .. } => h = mix(h, kind.as_ptr() as u64),
-                _ => {}
-            }
-        }
-        let mut bits: u64 = 0;
-        for (i, &m) in self.mask.iter().enumerate() {
-            bits = (bits << 1) | m as u64;
-            if i % 64 == 63 {
-                h = mix(h, bits);
-                bits = 0;
-            }
-        }
-        h = mix(h, bits ^ self.mask.len() as u64);
-        for (i, leaf) in self.statics.bind(py).iter().enumerate() {
-            match leaf.hash() {
-                Ok(v) => h = mix(h, v as u64),
-                Err(err) => {
-                    return Err(HashFailure {
-                        static_index: i,
-                        err,
-                    })
-                }
-            }
-        }
-        let mut out = (h ^ (h >> 32)) as isize;
-        if out == HASH_UNSET {
-            out = -2;
-        }
+        let statics = self.statics.bind(py);
+        let out = hash_parts(py, &self.nodes, &self.mask, statics.len(), |i| {
+            statics.get_item(i)
+        })?;
         self.hash.store(out, Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// A key of these parts whose hash is already known (`hash_parts` of the same parts).
+    pub fn with_hash(
+        nodes: Vec<Node>,
+        statics: Py<PyTuple>,
+        mask: Vec<bool>,
+        num_dynamic: usize,
+        hash: isize,
+    ) -> Self {
+        let key = StaticKey::new(nodes, statics, mask, num_dynamic);
+        key.hash.store(hash, Ordering::Relaxed);
+        key
     }
 
     /// Index among all leaves of the `static_index`-th static leaf.
@@ -291,21 +328,6 @@ impl StaticKey {
             .unwrap_or(0)
     }
 
-    fn structure_equal(&self, py: Python<'_>, other: &StaticKey) -> PyResult<bool> {
-        if self.nodes.len() != other.nodes.len() {
-            return Ok(false);
-        }
-        for (a, b) in self.nodes.iter().zip(other.nodes.iter()) {
-            if a.tag() != b.tag() || a.arity() != b.arity() {
-                return Ok(false);
-            }
-            if !node_data_equal(py, a, b)? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
     fn equal(&self, py: Python<'_>, other: &StaticKey) -> PyResult<bool> {
         if std::ptr::eq(self, other) {
             return Ok(true);
@@ -315,22 +337,41 @@ impl StaticKey {
                 return Ok(false);
             }
         }
-        if self.mask != other.mask {
+        let other_statics = other.statics.bind(py);
+        self.equal_to_parts(py, &other.nodes, &other.mask, other_statics.len(), |i| {
+            other_statics.get_item(i)
+        })
+    }
+
+    /// Would a key of these parts compare equal to this one? The same test as `==`
+    /// between keys (mask, static types, structure, then each static leaf with `==`), for
+    /// parts not (yet) made into a key. `static_at(i)` gives the `i`-th of `num_statics`
+    /// static leaves.
+    pub fn equal_to_parts<'py>(
+        &self,
+        py: Python<'py>,
+        nodes: &[Node],
+        mask: &[bool],
+        num_statics: usize,
+        static_at: impl Fn(usize) -> PyResult<Bound<'py, PyAny>>,
+    ) -> PyResult<bool> {
+        if self.mask != mask {
             return Ok(false);
         }
-        let (sa, sb) = (self.statics.bind(py), other.statics.bind(py));
-        if sa.len() != sb.len() {
+        let own = self.statics.bind(py);
+        if own.len() != num_statics {
             return Ok(false);
         }
-        for (x, y) in sa.iter().zip(sb.iter()) {
-            if x.get_type_ptr() != y.get_type_ptr() {
+        for (i, x) in own.iter().enumerate() {
+            if x.get_type_ptr() != static_at(i)?.get_type_ptr() {
                 return Ok(false);
             }
         }
-        if !self.structure_equal(py, other)? {
+        if !nodes_equal(py, &self.nodes, nodes)? {
             return Ok(false);
         }
-        for (index, (x, y)) in sa.iter().zip(sb.iter()).enumerate() {
+        for (index, x) in own.iter().enumerate() {
+            let y = static_at(index)?;
             let equal = same_or_equal(&x, &y)
                 .inspect_err(|err| errors::static_equality(py, err, index, &x));
             if !equal? {

@@ -5,19 +5,19 @@
 //! leaves into dynamic and static in one pass; `rebuild` is its inverse; `StaticKey` is
 //! the hashable description of everything but the dynamic leaves.
 //!
-//! Unit tests (`cargo test`) link against libpython, so they need to find the interpreter
-//! that has jax installed and its shared library:
+//! Unit tests (`cargo test`) link against libpython and run Python inside the test binary,
+//! so they need the interpreter that has jax installed, its shared library and the source
+//! tree on `PYTHONPATH`. `.ci/cargo-test` sets all that up from the active virtual
+//! environment and passes its arguments on to `cargo test`:
 //!
 //! ```text
-//! cd /work/main && PYO3_PYTHON=/work/venv/bin/python \
-//!   LD_LIBRARY_PATH=$(/work/venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))') \
-//!   PYTHONPATH=/work/main/python:$(/work/venv/bin/python -c 'import site; print(site.getsitepackages()[0])') \
-//!   cargo test
+//! . .venv/bin/activate && bash .ci/cargo-test
 //! ```
 
 use pyo3::prelude::*;
 
 mod classify;
+mod dataclass;
 mod dispatch;
 mod errors;
 mod filters;

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::classify;
+use crate::dataclass::DataclassFields;
 use crate::key::{Node, StaticKey};
 
 /// A sequence of leaves, read by index.
@@ -148,13 +149,21 @@ pub(crate) fn unflatten<'py>(
                 kind.bind(py).call1(children)?
             }
             Node::Custom {
+                kind,
                 aux,
                 from_iter,
                 arity,
-                ..
             } => {
-                let children = children_tuple(py, &mut agenda, *arity)?;
-                from_iter.bind(py).call1((aux.bind(py), children))?
+                let from_iter = from_iter.bind(py);
+                if let Ok(fields) = from_iter.cast_exact::<DataclassFields>() {
+                    let start = agenda.len() - arity;
+                    fields
+                        .get()
+                        .build(kind.bind(py), aux.bind(py), agenda.drain(start..))?
+                } else {
+                    let children = children_tuple(py, &mut agenda, *arity)?;
+                    from_iter.call1((aux.bind(py), children))?
+                }
             }
         };
         agenda.push(built);

@@ -88,6 +88,27 @@ class DC:
 jtu.register_dataclass(DC, data_fields=["a", "b"], meta_fields=["meta"])
 
 
+@jtu.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DCFields:
+    """Fields found by `register_dataclass` itself: two meta fields between data fields."""
+
+    x: Any
+    name: str = dataclasses.field(metadata={"static": True})
+    y: Any = None
+    size: int = dataclasses.field(default=0, metadata={"static": True})
+    z: Any = None
+
+
+@jtu.register_dataclass
+@dataclasses.dataclass
+class DCData:
+    """Data fields only: its node data is the empty tuple."""
+
+    p: Any
+    q: Any
+
+
 class EqxNode(eqx.Module):
     w: Any
     b: Any
@@ -192,6 +213,12 @@ def _make_node(kind, meta, children):
         return KeyedBox(children, int(str(meta)))
     if kind == "dc":
         return DC(children[0], children[1], int(str(meta)))
+    if kind == "dcfields":
+        return DCFields(
+            children[0], _fresh_str(meta[0]), children[1], int(str(meta[1])), children[2]
+        )
+    if kind == "dcdata":
+        return DCData(children[0], children[1])
     if kind == "eqx":
         return EqxNode(children[0], children[1], tag=_fresh_str(meta))
     raise AssertionError(kind)
@@ -230,6 +257,19 @@ _STR_KEYS = st.text(alphabet="abcxyz_", min_size=1, max_size=3)
 _INT_KEYS = st.integers(-3, 40)
 
 
+def dataclass_nodes(children) -> list:
+    """Strategies for the three `register_dataclass` node types, over `children`."""
+    pair = st.tuples(children, children)
+    return [
+        st.tuples(st.integers(0, 5), pair).map(lambda t: ("dc", t[0], t[1])),
+        st.tuples(
+            st.tuples(st.sampled_from(("a", "b")), st.integers(0, 2)),
+            st.tuples(children, children, children),
+        ).map(lambda t: ("dcfields", t[0], t[1])),
+        pair.map(lambda c: ("dcdata", None, c)),
+    ]
+
+
 def _node_specs(children):
     kids = st.lists(children, max_size=4).map(tuple)
 
@@ -255,7 +295,7 @@ def _node_specs(children):
         st.tuples(children, children, children).map(lambda c: ("nt", "NT3", c)),
         st.tuples(st.integers(0, 5), kids).map(lambda t: ("box", t[0], t[1])),
         st.tuples(st.integers(0, 5), kids).map(lambda t: ("keyed", t[0], t[1])),
-        st.tuples(st.integers(0, 5), pair).map(lambda t: ("dc", t[0], t[1])),
+        *dataclass_nodes(children),
         st.tuples(st.sampled_from(("relu", "tanh")), pair).map(lambda t: ("eqx", t[0], t[1])),
     )
 
@@ -320,6 +360,11 @@ def _alternatives(spec):
         return [("keyed", meta + 1, kids)]
     if kind == "dc":
         return [("dc", meta + 1, kids)]
+    if kind == "dcfields":
+        name, size = meta
+        return [("dcfields", (name + "_", size), kids), ("dcfields", (name, size + 1), kids)]
+    if kind == "dcdata":
+        return [("dc", 0, kids), ("tuple", None, kids)]
     if kind == "eqx":
         return [("eqx", meta + "2", kids)]
     raise AssertionError(kind)

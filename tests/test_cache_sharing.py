@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import tracemalloc
 
 import equinox as eqx
 import jax
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from memory_common import rss_bytes, traced_growth
 
 import filterjax as fj
 
@@ -242,18 +242,42 @@ def test_memory_is_flat_over_thousands_of_fresh_wrappers():
             fj.filter_jit(model)(x)
 
     loop(200)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.take_snapshot()
-        loop(3000)
-        gc.collect()
-        after = tracemalloc.take_snapshot()
-    finally:
-        tracemalloc.stop()
-    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    grown = traced_growth(lambda: loop(3000))
     assert grown < 200_000, grown  # flat: not ~1 KB per wrapper
     assert TRACES == ["call"]
+
+
+@pytest.mark.slow
+def test_no_memory_kept_per_wrapper_copy_or_unflattening():
+    """Making, copying and unflattening wrappers keeps nothing once they are gone: not the
+    wrapper's instance dict, nor anything it held."""
+    import copy
+
+    import jax.tree_util as jtu
+
+    model = make_model()
+
+    def body(x):
+        return x
+
+    def churn(n):
+        for i in range(n):
+            wrapper = fj.filter_jit(body)
+            copy.copy(wrapper)
+            leaves, treedef = jtu.tree_flatten(wrapper)
+            jtu.tree_unflatten(treedef, leaves)
+            if i % 10 == 0:
+                # A Module holding a wrapper, mapped over (a new wrapper per call).
+                jtu.tree_map(lambda leaf: leaf, (model, fj.filter_jit(model)))
+
+    churn(2_000)
+    gc.collect()
+    rss_before = rss_bytes()
+    grown = traced_growth(lambda: churn(100_000))
+    rss_grown = rss_bytes() - rss_before
+    # 320k objects: even 8 bytes kept per object would be 2.5 MB.
+    assert grown < 100_000, grown
+    assert rss_grown < 4 * 2**20, rss_grown
 
 
 def test_cache_of_distinct_lambdas_is_bounded():

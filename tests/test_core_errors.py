@@ -16,6 +16,7 @@ import sys
 import textwrap
 from collections import namedtuple
 from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -116,7 +117,8 @@ def _dict_cycle():
 
 
 def _dict_cycle_multi_key():
-    # JAX's own flatten mishandles this one (see `_JAX_DICT_CYCLE_BUG`): child process only.
+    # JAX's own flatten raises inside its recursion here and leaves the interpreter's
+    # recursion counter short, so the Python core must find the cycle before JAX does.
     tree: dict = {"a": jnp.ones(1), "b": None}
     tree["b"] = tree
     return tree
@@ -289,16 +291,7 @@ CASES: dict[str, Case] = {
 
 
 # Cases that may leave the interpreter unusable: run only in a child process.
-CHILD_ONLY = frozenset({"dict_cycle_multi_key"})
-IN_PROCESS = sorted(set(CASES) - CHILD_ONLY)
-
-# jax.tree_util.tree_flatten on `d = {"a": 1}; d["b"] = d` (JAX 0.10.2) raises a RecursionError
-# and leaves the interpreter's recursion accounting broken: every later call fails with
-# RecursionError and the process exits with status 1. The Python core flattens with JAX first.
-_JAX_DICT_CYCLE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="jax.tree_util.tree_flatten breaks the interpreter on a multi-key dict cycle",
-)
+IN_PROCESS = sorted(CASES)
 
 
 def _message(err: BaseException) -> str:
@@ -444,8 +437,8 @@ _CHILD_SCRIPT = textwrap.dedent(
 
 # All cases run in one child (one JAX import instead of one per case); each case prints
 # START, then RAISED <exception MRO> or NO ERROR, then HEALTHY once the core and the
-# interpreter still work. Cases that may break the interpreter go last.
-CHILD_ORDER = IN_PROCESS + sorted(CHILD_ONLY)
+# interpreter still work.
+CHILD_ORDER = IN_PROCESS
 
 
 def _core_named(name: str):
@@ -536,12 +529,57 @@ def test_python_core_survives_the_worst_cases_in_a_child():
         run.assert_raised(name, CASES[name].error)
 
 
-@_JAX_DICT_CYCLE_BUG
 @pytest.mark.single_backend
 def test_python_core_survives_a_multi_key_dict_cycle_in_a_child():
     _run_child(["dict_cycle_multi_key"], "python").assert_raised(
         "dict_cycle_multi_key", PyTreeCycleError
     )
+
+
+class _Holder:
+    def __init__(self, child):
+        self.child = child
+
+
+jtu.register_pytree_node(
+    _Holder, lambda h: ((h.child, 1), None), lambda _, children: _Holder(children[0])
+)
+
+
+def _recurse(n: int) -> int:
+    return 0 if n == 0 else 1 + _recurse(n - 1)
+
+
+def _self_containing(kind: str):
+    if kind == "dict":
+        tree: Any = {"x": 1}
+        tree["self"] = tree
+    elif kind == "list":
+        tree = [1]
+        tree.append(tree)
+    elif kind == "tuple":
+        inner: list = [1]
+        tree = (1, inner)
+        inner.append(tree)
+    else:
+        inner = [1]
+        tree = _Holder(inner)
+        inner.append(tree)
+    return tree
+
+
+@pytest.mark.parametrize("kind", ["dict", "list", "tuple", "custom"])
+def test_a_tree_containing_itself_raises_a_cycle_error_and_leaves_the_interpreter_healthy(kind):
+    fj = filterjax
+    for _ in range(3):
+        with pytest.raises(PyTreeCycleError, match="contains itself"):
+            fj.partition(_self_containing(kind), fj.is_array)
+        with pytest.raises(PyTreeCycleError):
+            _backend.flatten_split(_self_containing(kind))
+        with pytest.raises(PyTreeCycleError):
+            fj.filter_jit(lambda t: 0)(_self_containing(kind))
+    # The recursion accounting is intact: nearly the whole limit is still usable.
+    assert _recurse(sys.getrecursionlimit() - 100) == sys.getrecursionlimit() - 100
 
 
 def test_key_comparison_error_carries_a_note_naming_the_static_leaf():

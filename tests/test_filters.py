@@ -444,6 +444,43 @@ def test_cycles_and_depth():
     assert isinstance(err, RecursionError)
 
 
+def _nested(kind: str, depth: int, leaf: object) -> object:
+    """`leaf` at `depth` (the root is at depth 0), inside lists, tuples or dicts."""
+    tree = leaf
+    for _ in range(depth):
+        if kind == "list":
+            tree = [tree]
+        elif kind == "tuple":
+            tree = (tree,)
+        else:
+            tree = {"a": tree, "b": 1}
+    return tree
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "dict"])
+@pytest.mark.parametrize("leaf", ["leaf", "empty node"])
+def test_the_depth_limit_is_the_recursion_limit_on_both_cores(kind, leaf):
+    """A node at depth `sys.getrecursionlimit()` or deeper is refused with a RecursionError
+    naming the problem, one above it is flattened, on every Python version and both cores;
+    the interpreter stays healthy either way."""
+    limit = sys.getrecursionlimit()
+    innermost = [] if leaf == "empty node" else 1.0
+    fits = _nested(kind, limit - 1, innermost)
+    too_deep = _nested(kind, limit, innermost)
+    for core in CORES:
+        dynamic, key = core.flatten_split(fits, lambda x: True)
+        assert key.num_leaves == (limit - 1 if kind == "dict" else 0) + (leaf == "leaf")
+        with pytest.raises(RecursionError, match="deeper than the recursion limit"):
+            core.flatten_split(too_deep)
+    with pytest.raises(RecursionError, match="deeper than the recursion limit"):
+        filterjax.partition(too_deep, filterjax.is_array)
+    assert _count_down(limit - 100) == 0
+
+
+def _count_down(n: int) -> int:
+    return n if n == 0 else _count_down(n - 1)
+
+
 @pytest.mark.single_backend
 def test_combine_and_apply_updates_mismatch_name_the_path():
     err = _both(lambda: filterjax.combine([1, (2, 3)], [None, [None, None]]))

@@ -15,6 +15,7 @@ import pytest
 from jax_features import JAX_VERSION
 
 import filterjax as fj
+from filterjax import _backend
 
 
 class _Counter:
@@ -366,6 +367,56 @@ def _message_chain(err: BaseException) -> str:
         parts.append(f"{type(err).__name__}: {err}")
         err = err.__cause__ or err.__context__
     return "\n".join(parts)
+
+
+class ArrayEq:
+    """Hashable, but `==` gives an array, whose truth value raises."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return 7
+
+    def __eq__(self, other):
+        return np.array([True, False])
+
+
+class EqFailsOnlyAgainstOthers:
+    """Equal to itself (found by identity); comparing two of them gives an array."""
+
+    def __hash__(self):
+        return 7
+
+    def __eq__(self, other):
+        return other is self or np.array([True, False])
+
+
+@pytest.mark.parametrize("kind", [ArrayEq, EqFailsOnlyAgainstOthers])
+def test_static_whose_eq_has_no_truth_value_is_named_by_its_path(kind):
+    @fj.filter_jit
+    def f(x, cfg):
+        return x
+
+    x = jnp.arange(3.0)
+    make = (lambda: kind(0)) if kind is ArrayEq else kind
+    f(x, {"unused": 1, "cfg": make()})
+    with pytest.raises(TypeError) as info:
+        f(x, {"unused": 1, "cfg": make()})
+    message = str(info.value)
+    assert "args[1]['cfg']" in message, message
+    assert kind.__qualname__ in message, message
+    assert "truth value" in message, message
+
+
+def test_cores_say_which_static_leaf_failed_to_compare():
+    from filterjax._errors import STATIC_INDEX_ATTR
+
+    _, first = _backend.flatten_split([1, jnp.ones(1), "a", EqFailsOnlyAgainstOthers()])
+    _, second = _backend.flatten_split([1, jnp.ones(1), "a", EqFailsOnlyAgainstOthers()])
+    with pytest.raises(ValueError) as info:
+        first == second  # noqa: B015
+    assert getattr(info.value, STATIC_INDEX_ATTR) == 2
 
 
 def test_static_whose_eq_raises_gives_an_error_and_filterjax_stays_usable():

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from ._errors import PyTreeCycleError, format_path
 
-__all__ = ["raise_flatten_error", "describe_type"]
+__all__ = ["raise_flatten_error", "check_flattenable", "describe_type"]
 
 
 def describe_type(kind: type) -> str:
@@ -68,7 +68,7 @@ def _children_of(node: Any, registry: dict, where: str) -> tuple[list, list] | N
                 f"(at {where}) returned children that are not iterable: {result[0]!r:.200}."
             ) from err
         return children, [jtu.FlattenedIndexKey(i) for i in range(len(children))]
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
+    if issubclass(kind, tuple) and hasattr(node, "_fields"):
         return list(node), [jtu.GetAttrKey(name) for name in node._fields]
     return None
 
@@ -79,6 +79,16 @@ def raise_flatten_error(tree: Any, is_leaf: Any, original: BaseException | None)
     If the walk finds nothing wrong (a flatten function that fails only sometimes),
     `original` is re-raised unchanged.
     """
+    check_flattenable(tree, is_leaf)
+    if original is not None:
+        raise original
+    raise RuntimeError("filterjax: flattening failed but no cause could be found")
+
+
+def check_flattenable(tree: Any, is_leaf: Any) -> None:
+    """Walk `tree` the way `jax.tree_util` does and raise the first problem found: a cycle,
+    nesting deeper than `sys.getrecursionlimit()`, a malformed node, or an exception from
+    `is_leaf` or a flatten function (with a note saying where). Returns if there is none."""
     registry = _registry()
     limit = sys.getrecursionlimit()
     # Each stack entry: (node, path, ids of the containers from the root down to node).
@@ -119,9 +129,6 @@ def raise_flatten_error(tree: Any, is_leaf: Any, original: BaseException | None)
         inner = ancestors + (id(node),)
         for child, key in zip(reversed(children), reversed(keys), strict=True):
             stack.append((child, path + [key], inner))
-    if original is not None:
-        raise original
-    raise RuntimeError("filterjax: flattening failed but no cause could be found")
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +170,7 @@ def _node_signature(node: Any, registry: dict) -> tuple[str, Any, list, list] | 
         children = list(children)
         keys = [jtu.FlattenedIndexKey(i) for i in range(len(children))]
         return describe_type(kind), aux, children, keys
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
+    if issubclass(kind, tuple) and hasattr(node, "_fields"):
         return describe_type(kind), None, list(node), [jtu.GetAttrKey(f) for f in node._fields]
     return None
 

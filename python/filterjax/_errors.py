@@ -30,7 +30,10 @@ class UnhashableStaticError(TypeError):
 
 
 class PyTreeCycleError(ValueError):
-    """A mutable container holds itself, so the PyTree would be infinitely deep."""
+    """A mutable container holds itself, so the PyTree would be infinitely deep.
+
+    (A PyTree without a cycle but nested `sys.getrecursionlimit()` levels deep or more
+    raises a `RecursionError` instead.)"""
 
 
 def format_path(path: tuple, root: str = "tree") -> str:
@@ -85,6 +88,11 @@ def unhashable_message(where: str, kind: type, cause: BaseException | None) -> s
 
 def node_path(path: list) -> str:
     return format_path(tuple(path))
+
+
+# Set by both cores on an exception raised while comparing two keys' static leaves: the
+# index (among the key's static leaves) of the leaf whose comparison raised.
+STATIC_INDEX_ATTR = "_filterjax_static_index"
 
 
 def static_equality_note(static_index: int, leaf: Any) -> str:

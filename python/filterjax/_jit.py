@@ -47,7 +47,7 @@ from ._compile_utils import (
     run_and_split_output,
     with_call_path,
 )
-from ._errors import UnhashableStaticError, rename_root
+from ._errors import STATIC_INDEX_ATTR, UnhashableStaticError, rename_root
 from ._plans import IDENTITY_PLAN, apply_plan, make_plan
 from ._wrapper import NO_FUNCTION, Wrapper, callable_name, metadata_of
 
@@ -423,24 +423,32 @@ def _program_key(core: Any, fun_key: Any, donate: str, jitkwargs: dict) -> Any:
 
 
 def _static_comparison_error(args: tuple, kwargs: dict, err: Exception) -> TypeError:
-    """Name the static leaf (path and type) whose `__eq__` broke the cache lookup."""
+    """Name the static leaf (path and type) whose `__eq__` broke the cache lookup: one whose
+    comparison with itself fails (raises, or gives something without a truth value), else
+    the one the core reported."""
     paths_and_leaves, _ = jtu.tree_flatten_with_path((args, kwargs))
-    for path, leaf in paths_and_leaves:
-        if _backend.is_array_fast(leaf):
-            continue
+    statics = [(p, leaf) for p, leaf in paths_and_leaves if not _backend.is_array_fast(leaf)]
+    for path, leaf in statics:
         try:
-            leaf == leaf  # noqa: B015 - the comparison itself is the test
+            bool(leaf == leaf)
         except Exception as cause:
-            kind = type(leaf)
-            return TypeError(
-                f"The __eq__ of the static leaf at {rename_root(path, ('args', 'kwargs'))} "
-                f"(type {kind.__module__}.{kind.__qualname__}) raised "
-                f"{type(cause).__name__}: {cause}, so this call could not be matched with "
-                "earlier calls' compiled programs. Non-array leaves are static: give the type "
-                "an __eq__ that returns a bool, or make the leaf dynamic by wrapping it in an "
-                "array."
-            )
+            return _static_comparison_message(path, leaf, cause)
+    index = getattr(err, STATIC_INDEX_ATTR, None)
+    if type(index) is int and 0 <= index < len(statics):
+        return _static_comparison_message(*statics[index], err)
     return TypeError(f"A static argument could not be compared with __eq__: {err}")
+
+
+def _static_comparison_message(path: Any, leaf: Any, cause: Exception) -> TypeError:
+    kind = type(leaf)
+    return TypeError(
+        f"The __eq__ of the static leaf at {rename_root(path, ('args', 'kwargs'))} "
+        f"(type {kind.__module__}.{kind.__qualname__}) raised "
+        f"{type(cause).__name__}: {cause}, so this call could not be matched with "
+        "earlier calls' compiled programs. Non-array leaves are static: give the type "
+        "an __eq__ that returns a bool, or make the leaf dynamic by wrapping it in an "
+        "array."
+    )
 
 
 @overload

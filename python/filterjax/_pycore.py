@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from itertools import compress
 from types import MethodType
 from typing import Any
 
@@ -19,11 +20,12 @@ from jax._src import tree_util as _jax_tree_util
 
 from ._diagnose import (
     bad_filter_spec,
+    check_flattenable,
     note_predicate_error,
     raise_flatten_error,
     raise_structure_error,
 )
-from ._errors import static_equality_note, unhashable_static
+from ._errors import STATIC_INDEX_ATTR, static_equality_note, unhashable_static
 from ._plans import apply_plan
 
 __all__ = [
@@ -137,15 +139,131 @@ def _statics_equal(mine: tuple, theirs: tuple) -> bool:
                     return False
             except Exception as leaf_err:
                 leaf_err.add_note(static_equality_note(index, x))
+                setattr(leaf_err, STATIC_INDEX_ATTR, index)
                 raise
         raise err
 
 
-def _flatten(tree: Any, is_leaf: Callable[[Any], bool] | None):
+class _NodeTypes(dict):
+    """type -> whether `jax.tree_util` may flatten its instances as a node (a registered
+    type, or a tuple subclass that may be a namedtuple). Filled on first sight of a type,
+    emptied by `_nesting` when the registry changes size (a registration made since)."""
+
+    registry_size = -1
+
+    def __missing__(self, kind: type) -> bool:
+        answer = kind in _tree_registry or issubclass(kind, tuple)
+        if len(self) < 4096:
+            self[kind] = answer
+        return answer
+
+
+_node_types = _NodeTypes()
+
+
+def _nesting(tree: Any, limit: int) -> int:
+    """Depth of the deepest node of `tree` as `jax.tree_util` flattens it (without
+    `is_leaf`; the root is at depth 0), or -1 if a node, leaf or not, sits `limit` deep (as in
+    any tree that contains itself) or a flatten function raises. Leaves are skipped at C
+    speed."""
+    registry = _tree_registry
+    if _node_types.registry_size != len(registry):
+        _node_types.clear()
+        _node_types.registry_size = len(registry)
+    is_node = _node_types.__getitem__
+    deepest = 0
+    stack = [(tree, 0)]
+    pop = stack.pop
+    push = stack.append
     try:
-        return jtu.tree_flatten(tree, is_leaf)
+        while stack:
+            node, depth = pop()
+            kind = type(node)
+            if kind is list or kind is tuple:
+                children: Any = node
+            elif kind is dict:
+                children = node.values()
+            elif kind in registry:
+                if node is None:
+                    continue
+                if isinstance(node, dict):  # OrderedDict, defaultdict
+                    children = node.values()
+                else:
+                    children = registry[kind].to_iter(node)[0]
+                    if type(children) is not list and type(children) is not tuple:
+                        children = list(children)
+            elif issubclass(kind, tuple) and hasattr(node, "_fields"):
+                children = node
+            else:
+                continue
+            depth += 1
+            if not children:
+                continue
+            if depth >= limit:
+                return -1
+            if depth > deepest:
+                deepest = depth
+            for child in compress(children, map(is_node, map(type, children))):
+                push((child, depth))
+    except Exception:
+        return -1
+    return deepest
+
+
+class _Headroom:
+    """Lets jax's flatten recurse `depth` levels below the caller whatever the caller's own
+    depth, by raising the recursion limit for the duration if needed."""
+
+    __slots__ = ("_previous", "_wanted")
+
+    def __init__(self, depth: int, limit: int):
+        self._previous = limit
+        self._wanted = limit + depth + 64
+
+    def __enter__(self) -> None:
+        sys.setrecursionlimit(self._wanted)
+
+    def __exit__(self, *exc: object) -> None:
+        sys.setrecursionlimit(self._previous)
+
+
+# Trees at most this deep are flattened by jax with no check of the recursion headroom.
+_SHALLOW = 32
+
+
+def _guarded_flatten(
+    flatten: Callable, tree: Any, is_leaf: Any, given_is_leaf: Any, whole: Any = None
+):
+    """`flatten(tree, is_leaf)` by jax's C++ flatten, never letting it fail from the depth
+    of the tree.
+
+    An exception raised inside jaxlib's recursive flatten leaves the interpreter's recursion
+    counter short by the depth it was raised at, so a tree that contains itself, or is
+    nested up to the recursion limit, would leave the interpreter unable to call anything.
+    The tree's depth is measured first (the nodes only, not the leaves); a cycle or a tree
+    too deep is reported with its path by `check_flattenable`, a deep tree gets the headroom
+    it needs. Errors name paths in `whole` (by default `tree`), of which `tree` is a
+    subtree, and `given_is_leaf` is the caller's `is_leaf`.
+    """
+    if whole is None:
+        whole = tree
+    limit = sys.getrecursionlimit()
+    depth = _nesting(tree, limit)
+    if depth < 0:
+        # Raises the problem with its path, unless `is_leaf` stops the walk before it.
+        check_flattenable(whole, given_is_leaf)
+        depth = limit
+    try:
+        if depth <= _SHALLOW:
+            return flatten(tree, is_leaf)
+        with _Headroom(depth, limit):
+            return flatten(tree, is_leaf)
     except Exception as err:
-        raise_flatten_error(tree, is_leaf, err)
+        raise_flatten_error(whole, given_is_leaf, err)
+
+
+def _flatten(tree: Any, is_leaf: Callable[[Any], bool] | None):
+    return _guarded_flatten(jtu.tree_flatten, tree, is_leaf, is_leaf)
 
 
 def flatten_split(
@@ -383,10 +501,7 @@ def _split(pytree: Any, filter_spec: Any, is_leaf: Any) -> tuple[list, list[bool
     defs: list[Any] = []  # jaxlib ships no stub for PyTreeDef
     for spec, subtree in zip(spec_leaves, subtrees, strict=True):
         _check_spec(spec)
-        try:
-            sub_leaves, sub_def = jtu.tree_flatten(subtree, is_leaf)
-        except Exception as err:
-            raise_flatten_error(pytree, is_leaf, err)
+        sub_leaves, sub_def = _guarded_flatten(jtu.tree_flatten, subtree, is_leaf, is_leaf, pytree)
         masks.extend(_leaf_masks(sub_leaves, spec, pytree, is_leaf, len(leaves)))
         leaves.extend(sub_leaves)
         defs.append(sub_def)
@@ -436,10 +551,9 @@ def tree_combine(pytrees: tuple, is_leaf: Any = None) -> Any:
     if not pytrees:
         raise TypeError("combine needs at least one PyTree")
     first = pytrees[0]
-    try:
-        leaves, treedef = _none_leaf_registry.flatten(first, _none_or(is_leaf))
-    except Exception as err:
-        raise_flatten_error(first, is_leaf, err)
+    leaves, treedef = _guarded_flatten(
+        _none_leaf_registry.flatten, first, _none_or(is_leaf), is_leaf
+    )
     for index in range(1, len(pytrees)):
         try:
             others = treedef.flatten_up_to(pytrees[index])
@@ -451,10 +565,7 @@ def tree_combine(pytrees: tuple, is_leaf: Any = None) -> Any:
 
 def tree_apply_updates(model: Any, updates: Any) -> Any:
     """`equinox.apply_updates`: `model + update` where the update is not None."""
-    try:
-        deltas, treedef = _none_leaf_registry.flatten(updates, None)
-    except Exception as err:
-        raise_flatten_error(updates, None, err)
+    deltas, treedef = _guarded_flatten(_none_leaf_registry.flatten, updates, None, None)
     try:
         leaves = treedef.flatten_up_to(model)
     except Exception as err:

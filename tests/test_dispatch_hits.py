@@ -1,0 +1,292 @@
+"""The per-call path of filter_jit on repeated calls: what it reuses between calls (the last
+static signature found, the last keyword shape) must never change which program runs or
+how often the function is traced. Traces are counted by a side effect that runs only while
+JAX traces."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import filterjax as fj
+
+
+class Counted:
+    """A function that counts its traces (by the static arguments it was traced with)."""
+
+    def __init__(self):
+        self.traces: list = []
+
+    def __call__(self, x, n=1, *, tag="a"):
+        self.traces.append((n, tag))
+        return x * n if tag == "a" else x + n
+
+
+def _jit():
+    counted = Counted()
+    return counted, fj.filter_jit(counted)
+
+
+def _check(out, x, n, tag="a"):
+    expected = np.asarray(x) * n if tag == "a" else np.asarray(x) + n
+    np.testing.assert_allclose(np.asarray(out), expected)
+
+
+def test_alternating_statics_hit_their_own_programs():
+    counted, f = _jit()
+    x = jnp.arange(3.0)
+    for n in [1, 2, 1, 1, 2, 3, 1, 3, 2]:
+        _check(f(x, n), x, n)
+    assert sorted(counted.traces) == [(1, "a"), (2, "a"), (3, "a")]
+
+
+def test_equal_statics_of_another_type_do_not_share_a_program():
+    counted, f = _jit()
+    x = jnp.arange(3.0)
+    for n in [1, 1.0, True, 1, 1.0, True]:
+        out = f(x, n)
+        _check(out, x, n)
+    assert [type(n) for n, _ in counted.traces] == [int, float, bool]
+
+
+class Box:
+    """A static whose hash and equality follow a value that can change in place."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return hash(self.value)
+
+    def __eq__(self, other):
+        return type(other) is Box and other.value == self.value
+
+    def __mul__(self, other):
+        return self.value * other
+
+    __rmul__ = __mul__
+
+
+def test_a_static_changed_in_place_is_a_new_signature():
+    counted, f = _jit()
+    x = jnp.arange(3.0)
+    box = Box(2)
+    _check(f(x, box), x, 2)
+    _check(f(x, box), x, 2)
+    box.value = 5
+    _check(f(x, box), x, 5)
+    _check(f(x, box), x, 5)
+    assert len(counted.traces) == 2
+
+
+class RaisingEq:
+    """Hashes alike, but comparing two different instances raises."""
+
+    def __hash__(self):
+        return 0
+
+    def __eq__(self, other):
+        if self is other:
+            return True
+        raise RuntimeError("no comparing")
+
+    def __rmul__(self, other):
+        return other
+
+
+def test_a_static_whose_eq_raises_names_the_leaf_and_later_calls_still_hit():
+    counted, f = _jit()
+    x = jnp.arange(3.0)
+    first = RaisingEq()
+    f(x, first)
+    f(x, first)
+    with pytest.raises(TypeError, match=r"static leaf at args\[1\].*no comparing"):
+        f(x, RaisingEq())
+    f(x, first)
+    f(x, 2)
+    f(x, first)
+    assert len(counted.traces) == 2
+
+
+def test_outputs_with_and_without_static_parts_alternate():
+    def g(x, mode):
+        return (x * 2, mode) if mode else x * 3
+
+    f = fj.filter_jit(g)
+    x = jnp.arange(3.0)
+    for mode in ["s", "", "s", "t", "", "t"]:
+        out = f(x, mode)
+        if mode:
+            np.testing.assert_allclose(np.asarray(out[0]), np.asarray(x) * 2)
+            assert out[1] == mode
+        else:
+            np.testing.assert_allclose(np.asarray(out), np.asarray(x) * 3)
+
+
+def test_weak_types_are_separate_programs_on_repeated_calls():
+    counted, f = _jit()
+    weak = jnp.asarray(2.0)
+    strong = jnp.asarray(2.0, dtype=jnp.float32)
+    assert weak.weak_type and not strong.weak_type
+    for x in [weak, strong, weak, strong]:
+        out = f(x, 3)
+        assert out.weak_type == x.weak_type
+    assert len(counted.traces) == 2
+
+
+def test_clear_caches_between_repeated_calls_retraces_once():
+    counted, f = _jit()
+    x = jnp.arange(3.0)
+    f(x, 2)
+    f(x, 2)
+    fj.clear_caches()
+    _check(f(x, 2), x, 2)
+    _check(f(x, 2), x, 2)
+    assert len(counted.traces) == 2
+
+
+def test_keyword_spellings_and_orders_repeated():
+    counted, f = _jit()
+    x = jnp.arange(3.0)
+    calls = [
+        lambda: f(x, 2, tag="b"),
+        lambda: f(x, n=2, tag="b"),
+        lambda: f(x=x, n=2, tag="b"),
+        lambda: f(tag="b", n=2, x=x),
+        lambda: f(x, tag="b", n=2),
+    ]
+    for _ in range(3):
+        for call in calls:
+            _check(call(), x, 2, "b")
+    # Names built at run time are equal strings but other objects than the literals.
+    names = {"".join(["t", "a", "g"]): "b", "".join(["n"]): 2}
+    _check(f(x, **names), x, 2, "b")
+    _check(f(x, **names), x, 2, "b")
+    assert counted.traces == [(2, "b")]
+
+
+def test_same_number_of_keywords_with_other_names():
+    def g(x, a=1, b=10):
+        return x * a + b
+
+    f = fj.filter_jit(g)
+    x = jnp.arange(3.0)
+    for _ in range(2):
+        np.testing.assert_allclose(np.asarray(f(x, a=2)), np.asarray(x) * 2 + 10)
+        np.testing.assert_allclose(np.asarray(f(x, b=2)), np.asarray(x) + 2)
+
+
+def test_empty_keyword_dict_is_a_positional_call():
+    counted, f = _jit()
+    x = jnp.arange(3.0)
+    f(x, 2)
+    _check(f(x, 2, **{}), x, 2)
+    assert len(counted.traces) == 1
+
+
+def test_wrappers_sharing_programs_each_hit():
+    counted = Counted()
+    f, g = fj.filter_jit(counted), fj.filter_jit(counted)
+    x = jnp.arange(3.0)
+    for n in [2, 2, 3, 2, 3]:
+        _check(f(x, n), x, n)
+        _check(g(x, n), x, n)
+    assert len(counted.traces) == 2
+
+
+def test_threads_repeating_calls_agree_and_trace_each_signature_once():
+    counted, f = _jit()
+    x = jnp.arange(3.0)
+    errors: list = []
+    barrier = threading.Barrier(4)
+
+    def worker(seed):
+        try:
+            barrier.wait()
+            for i in range(200):
+                n = (seed + i) % 3 + 1
+                out = f(x, n) if i % 2 else f(x, n=n)
+                _check(out, x, n)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(counted.traces) == [(1, "a"), (2, "a"), (3, "a")]
+
+
+_STATICS = st.sampled_from([1, 2, 2.0, True, "s", None, (1, 2)])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            _STATICS,
+            st.sampled_from(["pos", "kw", "kwx"]),
+            st.sampled_from([(3,), (2, 2)]),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_any_sequence_of_calls_traces_each_signature_once(calls):
+    seen = []
+
+    def g(x, s):
+        seen.append((x.shape, type(s), s))
+        return x + 1, s
+
+    f = fj.filter_jit(g)
+    for s, spelling, shape in calls:
+        x = jnp.ones(shape)
+        if spelling == "pos":
+            out = f(x, s)
+        elif spelling == "kw":
+            out = f(x, s=s)
+        else:
+            out = f(s=s, x=x)
+        np.testing.assert_allclose(np.asarray(out[0]), np.asarray(x) + 1)
+        assert out[1] == s and type(out[1]) is type(s)
+    signatures = {(shape, type(s), s) for s, _, shape in calls}
+    assert len(seen) == len(signatures)
+    assert {(shape, t, s) for shape, t, s in seen} == signatures
+
+
+def test_nested_jit_calls_inside_a_trace():
+    inner_counted, inner = _jit()
+
+    @fj.filter_jit
+    def outer(x, n):
+        return inner(x, n) + inner(x, n)
+
+    x = jnp.arange(3.0)
+    for _ in range(3):
+        np.testing.assert_allclose(np.asarray(outer(x, 2)), np.asarray(x) * 4)
+    assert jax.numpy.allclose(outer(x, 3), x * 6)
+
+
+def test_repeated_calls_leak_no_references():
+    import sys
+
+    counted, f = _jit()
+    x = jnp.arange(3.0)
+    static = Box(2)
+    names = {"n": static, "tag": "a"}
+    for call in (lambda: f(x, static), lambda: f(x, **names), lambda: f(x=x, **names)):
+        call()
+        call()
+        before = (sys.getrefcount(x), sys.getrefcount(static))
+        for _ in range(500):
+            call()
+        assert (sys.getrefcount(x), sys.getrefcount(static)) == before
