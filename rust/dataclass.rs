@@ -9,6 +9,7 @@
 //! a jax makes them differently, or the type was registered some other way, the node keeps
 //! the generic path that calls the registered functions.
 
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 
@@ -37,15 +38,28 @@ impl DataclassFields {
     #[inline]
     pub fn meta<'py>(&self, obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyTuple>> {
         let py = obj.py();
-        if self.meta.is_empty() {
+        let len = self.meta.len();
+        if len == 0 {
             return Ok(PyTuple::empty(py));
         }
-        let values = self
-            .meta
-            .iter()
-            .map(|name| obj.getattr(name.bind(py)))
-            .collect::<PyResult<Vec<_>>>()?;
-        PyTuple::new(py, values)
+        // Filled in place, without an intermediate vector: this runs for every node.
+        // SAFETY: `PyTuple_New` returns a new reference to a tuple of `len` empty slots, or
+        // NULL with an exception set (turned into an error here). Each slot is set once,
+        // with a new reference, before the tuple is used; if a `getattr` fails, the partly
+        // filled tuple is dropped, and a tuple's deallocation skips empty slots.
+        let tuple = unsafe {
+            Bound::from_owned_ptr_or_err(py, ffi::PyTuple_New(len as ffi::Py_ssize_t))?
+                .cast_into_unchecked::<PyTuple>()
+        };
+        for (index, name) in self.meta.iter().enumerate() {
+            let value = obj.getattr(name.bind(py))?;
+            // SAFETY: `index < len`, the slot is empty, and `PyTuple_SetItem` steals the
+            // new reference that `into_ptr` hands over.
+            unsafe {
+                ffi::PyTuple_SetItem(tuple.as_ptr(), index as ffi::Py_ssize_t, value.into_ptr());
+            }
+        }
+        Ok(tuple)
     }
 
     /// `kind(**{meta fields: meta, data fields: children})`, as jaxlib rebuilds the node.
