@@ -681,7 +681,11 @@ class _PmapProgram:
             ),
         )
 
-    def _in_axes(self, leaf_axes: tuple | None) -> tuple:
+    def _in_axes(self, leaf_axes: tuple | None) -> Any:
+        if leaf_axes is None and not self.num_leading and self.dummy is None:
+            # The call's leaves alone, on one axis: an int, which `jax.pmap` spreads over
+            # the leaves without matching a prefix tree on every call.
+            return self.in_axis
         head = (None,) if self.num_leading else ()
         tail = () if self.dummy is None else (0,)
         return (*head, self.in_axis if leaf_axes is None else leaf_axes, *tail)
