@@ -10,7 +10,10 @@ carried out of that single trace on the side, so they are the same object for th
 batch. filter_pmap compiles: like filter_jit, it splits the arguments into a StaticKey and a flat
 list of array leaves, hands the leaves to `jax.pmap`, and gets the static part of the
 output back through JAX's own output tree. Each static signature (StaticKey) gets its
-own `jax.pmap`, found with one dict lookup per call.
+own `jax.pmap`, found with one dict lookup per call; for the common call shape that is the
+core's `Dispatcher`, as for filter_jit, with no Python per call. Calls stay asynchronous,
+except those of a program holding an Equinox error check, which wait so that a failed
+check is raised by the call that caused it.
 """
 
 from __future__ import annotations
@@ -1229,7 +1232,10 @@ def filter_pmap(
 
     **Returns:**
 
-    The parallelised version of `fun`.
+    The parallelised version of `fun`. It returns as soon as the computation is
+    dispatched (JAX's asynchronous dispatch), like `jax.pmap`; only a program holding an
+    Equinox error check (`eqx.error_if`) waits for its result, so that a failed check
+    raises `equinox.EquinoxRuntimeError` at the call that caused it.
 
     !!! example
 
