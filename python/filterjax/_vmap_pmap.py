@@ -885,7 +885,7 @@ class _PmapWrapper(Wrapper):
             self._pmapkwargs,
         )
 
-    def _ready(self) -> tuple[_PmapProgram, list]:
+    def _ready(self) -> tuple[_PmapProgram, tuple]:
         """(the shared program, fun's array leaves): made on first call, since
         unflattening may hand this wrapper placeholder children that are never called."""
         state = self._state
@@ -908,7 +908,7 @@ class _PmapWrapper(Wrapper):
                 lambda: _PmapProgram(core, fun_key, callable_name(self._fun), *options),
             )
             self._names = _parameter_names(self._fun) if isinstance(self._in_axes, dict) else None
-            fun_dynamic = tuple(fun_dynamic)  # as the Dispatcher holds it
+            leading = tuple(fun_dynamic)  # as the Dispatcher holds it
             # The per-call path: the core's Dispatcher, as for filter_jit, on this
             # program's fast tables; it calls `_slow_call` for everything else. It holds
             # the wrapper weakly, so that wrapper and Dispatcher form no reference cycle.
@@ -918,11 +918,11 @@ class _PmapWrapper(Wrapper):
                 IDENTITY_PLAN,
                 functools.partial(_slow_call_of, weakref.ref(self)),
                 OutputSpec,
-                fun_dynamic,
+                leading,
                 program.fast,
                 _fast_error,
             )
-            state = self._state = (program, fun_dynamic)
+            state = self._state = (program, leading)
         return state
 
     def _call_args(
@@ -1051,7 +1051,9 @@ class _PmapWrapper(Wrapper):
 
 def _slow_call_of(ref: weakref.ref, leading: tuple, args: tuple, kwargs: dict) -> Any:
     """The Dispatcher's fallback: the wrapper's `_slow_call`."""
-    return ref()._slow_call(args, kwargs)
+    wrapper = ref()
+    assert wrapper is not None, "the Dispatcher lives only as long as its wrapper"
+    return wrapper._slow_call(args, kwargs)
 
 
 class _Undiagnosed(Exception):
