@@ -1,4 +1,4 @@
-"""Per-call cost of filter_pmap (8 CPU devices) and eager filter_vmap.
+"""Per-call cost of filter_pmap (8 CPU devices, and one device) and eager filter_vmap.
 
 filter_pmap is compared with hand-split `jax.pmap` (arrays passed by hand, statics closed
 over) and equinox.filter_pmap; eager filter_vmap with equinox.filter_vmap and hand-split
@@ -64,6 +64,14 @@ def pmap_cases() -> dict[str, tuple[Callable, tuple]]:
     }
 
 
+def one_device_cases() -> dict[str, tuple[Callable, tuple]]:
+    """Calls where JAX's own per-call cost is least, so ours shows most."""
+    return {
+        "pmap 1 device: array + int": (_scale, (jnp.ones((1, 8)), 3)),
+        "pmap 1 device: 100 arrays + 20 statics": (_many_fn, (_tree_of(100, 20, (1,)),)),
+    }
+
+
 def vmap_cases() -> dict[str, tuple[Callable, tuple]]:
     keys = jax.random.split(jax.random.key(0), N)
     ensemble = eqx.filter_vmap(lambda k: eqx.nn.MLP(8, 8, 32, 2, key=k))(keys)
@@ -74,16 +82,20 @@ def vmap_cases() -> dict[str, tuple[Callable, tuple]]:
     }
 
 
-def pmap_contenders(fun: Callable, args: tuple) -> dict[str, Callable[[], object]]:
+def pmap_contenders(fun: Callable, args: tuple, **kwargs) -> dict[str, Callable[[], object]]:
     dynamic, static = eqx.partition(args, eqx.is_array)
-    hand = jax.pmap(lambda dynamic: fun(*eqx.combine(dynamic, static)))
-    ours = fj.filter_pmap(fun)
-    theirs = eqx.filter_pmap(fun)
+    hand = jax.pmap(lambda dynamic: fun(*eqx.combine(dynamic, static)), **kwargs)
+    ours = fj.filter_pmap(fun, **kwargs)
+    theirs = eqx.filter_pmap(fun, **kwargs)
     return {
         "hand-split": lambda: hand(dynamic),
         "filterjax": lambda: ours(*args),
         "equinox": lambda: theirs(*args),
     }
+
+
+def one_device_contenders(fun: Callable, args: tuple) -> dict[str, Callable[[], object]]:
+    return pmap_contenders(fun, args, devices=jax.devices()[:1])
 
 
 def vmap_contenders(fun: Callable, args: tuple) -> dict[str, Callable[[], object]]:
@@ -102,6 +114,7 @@ def vmap_contenders(fun: Callable, args: tuple) -> dict[str, Callable[[], object
 
 _ALL = {
     **{k: (v, pmap_contenders) for k, v in pmap_cases().items()},
+    **{k: (v, one_device_contenders) for k, v in one_device_cases().items()},
     **{k: (v, vmap_contenders) for k, v in vmap_cases().items()},
 }
 

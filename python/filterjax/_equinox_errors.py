@@ -22,10 +22,12 @@ cannot have raised one of its errors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
 import threading
+import weakref
 from typing import Any
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "MARKER_NAME",
     "fresh_stacks",
     "replacement_for",
+    "trace_has_check",
     "translate",
     "translated",
     "watching",
@@ -144,6 +147,50 @@ def _trace_caches() -> tuple:
     if not all(hasattr(cache, "evict_weakref") for cache in caches):
         return ()
     return caches
+
+
+def trace_has_check() -> bool:
+    """Whether the function JAX is tracing right now has reached an Equinox error check
+    (`eqx.error_if` and kin, which fail through a `jax.pure_callback` of Equinox's) so far,
+    in its own equations or any nested program (a `jit`, `cond`, `scan` in it).
+
+    False without Equinox imported. True when this JAX's trace cannot be read: a program
+    is then assumed to hold a check, and its callers wait for its results."""
+    if "equinox" not in sys.modules:
+        return False
+    try:
+        from jax._src import core as jax_core
+
+        eqns = list(jax_core.trace_ctx.trace.frame.tracing_eqns)
+        subprograms = jax_core.jaxprs_in_params
+    except Exception:
+        return True
+    seen: set[int] = set()
+    while eqns:
+        eqn = eqns.pop()
+        if isinstance(eqn, weakref.ref):  # an equation JAX may drop as unused
+            eqn = eqn()
+            if eqn is None:
+                continue
+        try:
+            if eqn.primitive.name == "pure_callback" and _is_equinox_callback(eqn.params):
+                return True
+            for jaxpr in subprograms(eqn.params):
+                if id(jaxpr) not in seen:
+                    seen.add(id(jaxpr))
+                    eqns.extend(jaxpr.eqns)
+        except Exception:
+            return True
+    return False
+
+
+def _is_equinox_callback(params: dict) -> bool:
+    callback = params.get("callback")
+    fun = getattr(callback, "callback_func", callback)
+    while isinstance(fun, functools.partial):
+        fun = fun.func
+    module = getattr(fun, "__module__", None)
+    return isinstance(module, str) and (module == "equinox" or module.startswith("equinox."))
 
 
 def stacks_are_fresh() -> bool:

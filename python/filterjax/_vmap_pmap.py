@@ -10,7 +10,10 @@ carried out of that single trace on the side, so they are the same object for th
 batch. filter_pmap compiles: like filter_jit, it splits the arguments into a StaticKey and a flat
 list of array leaves, hands the leaves to `jax.pmap`, and gets the static part of the
 output back through JAX's own output tree. Each static signature (StaticKey) gets its
-own `jax.pmap`, found with one dict lookup per call.
+own `jax.pmap`, found with one dict lookup per call; for the common call shape that is the
+core's `Dispatcher`, as for filter_jit, with no Python per call. Calls stay asynchronous,
+except those of a program holding an Equinox error check, which wait so that a failed
+check is raised by the call that caused it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
@@ -44,6 +48,7 @@ from ._compile_utils import (
 )
 from ._errors import UnhashableStaticError, format_path
 from ._filters import if_array
+from ._plans import IDENTITY_PLAN
 from ._wrapper import NO_FUNCTION, Wrapper, callable_name, copy_metadata
 
 __all__ = ["filter_vmap", "filter_pmap"]
@@ -610,13 +615,58 @@ class _PmapProgram:
         self.uniform_out, self.out_axis = _uniform_axis(out_axes)
         self.silence_unused_donation = donate == "all"
         self.dummy = None if axis_size is None else np.zeros(axis_size, np.int8)
+        self.num_leading = fun_key.num_dynamic
         self.table = SignatureTable()
         self.records = _explain.Records()  # signatures of the traces, for explanations
+        # The wrappers' Dispatchers read these in place: call shapes (number of
+        # positionals) -> IDENTITY_PLAN, and StaticKey -> pmap for the programs a call
+        # may reach without Python (filled by the fallback, `_PmapWrapper._slow_call`).
+        # Only the common shape gets there: one axis for every array leaf in and out,
+        # no `axis_size`, no unused-donation warning to silence, no Flax NNX objects,
+        # and no Equinox error check in the program (whose calls must wait for it).
+        self.plans: dict = {}
+        self.fast_programs: dict = {}
+        self.fast = (
+            self.uniform_in
+            and self.in_axis is not None
+            and self.uniform_out
+            and axis_size is None
+            and not self.silence_unused_donation
+        )
+        # pmap -> whether a trace of it reached an Equinox error check.
+        self.error_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         _caches.register_owner(self)
 
     def _clear_cache(self) -> None:
         self.table.clear()
         self.records.clear()
+        self.forget_fast()
+
+    def forget_fast(self) -> None:
+        """Send every call back through the fallback until it has run again."""
+        self.fast_programs.clear()
+        self.plans.clear()
+
+    def parts(self, fun_dynamic: tuple, dynamic: Any) -> tuple:
+        """The pmap's arguments: [fun's array leaves,] the call's array leaves[, the
+        placeholder that carries `axis_size`]. The first two as the Dispatcher passes them
+        (a tuple and a list, so both paths hit the same compiled program)."""
+        head = (fun_dynamic,) if self.num_leading else ()
+        tail = () if self.dummy is None else (self.dummy,)
+        return (*head, dynamic, *tail)
+
+    def _unpack(self, parts: tuple) -> tuple[Any, Any]:
+        """(fun's array leaves, the call's array leaves) from the pmap's arguments."""
+        if self.num_leading:
+            return parts[0], parts[1]
+        return (), parts[0]
+
+    def has_check(self, pmapped: Any) -> bool:
+        """Whether a trace of `pmapped` reached an Equinox error check (True if unknown)."""
+        try:
+            return self.error_checks.get(pmapped, True)
+        except TypeError:  # a compiled program, which cannot be weakly referenced
+            return True
 
     def pmap_for(self, key, leaf_axes: tuple | None, fun_dynamic, dynamic):
         """The `jax.pmap` for a call: one per static signature, found by the call's
@@ -634,8 +684,14 @@ class _PmapProgram:
             ),
         )
 
-    def _in_axes(self, leaf_axes: tuple | None) -> tuple:
-        return ((None, self.in_axis if leaf_axes is None else leaf_axes, 0),)
+    def _in_axes(self, leaf_axes: tuple | None) -> Any:
+        if leaf_axes is None and not self.num_leading and self.dummy is None:
+            # The call's leaves alone, on one axis: an int, which `jax.pmap` spreads over
+            # the leaves without matching a prefix tree on every call.
+            return self.in_axis
+        head = (None,) if self.num_leading else ()
+        tail = () if self.dummy is None else (0,)
+        return (*head, self.in_axis if leaf_axes is None else leaf_axes, *tail)
 
     def _output_groups(self, key, leaf_axes: tuple | None, fun_dynamic, dynamic) -> int:
         """How many per-axis groups the output needs: one per non-negative out axis up to
@@ -643,9 +699,9 @@ class _PmapProgram:
         as `jax.pmap` will map it) before the pmap is built."""
         core, fun_key, out_axes = self.core, self.fun_key, self._traced_out_axes()
 
-        def largest_axis(leaves):
-            fun_dynamic, dynamic, _ = leaves
-            args = core.rebuild(key, list(dynamic))
+        def largest_axis(*parts):
+            fun_dynamic, dynamic = self._unpack(parts)
+            args, _ = core.rebuild(key, list(dynamic))
             out = self._traced_fun(core.rebuild(fun_key, fun_dynamic), args)(*args)
             leaves, _ = core.flatten_split(out, _always, hashed=False)
             axes = _leaf_axes(out_axes, out, leaves, "out_axes")
@@ -662,7 +718,7 @@ class _PmapProgram:
             axis_name=self.axis_name,
             axis_size=self.axis_size,
         )
-        largest, _ = output_parts(jax.eval_shape(mapped, (fun_dynamic, dynamic, self.dummy)))
+        largest, _ = output_parts(jax.eval_shape(mapped, *self.parts(fun_dynamic, dynamic)))
         return largest + 1
 
     def _traced_out_axes(self) -> Any:
@@ -685,42 +741,55 @@ class _PmapProgram:
         core, fun_key, records = self.core, self.fun_key, self.records
         uniform_out = self.uniform_out and not self.routes_nnx
         out_axes = self._traced_out_axes()
+        made: list = []  # the pmap, once made
 
-        def parallelised(leaves):
+        def parallelised(*parts):
             # Where the stack of an `eqx.error_if` ends (see `_equinox_errors`).
             __equinox_jit_id__ = _equinox_errors.FRAME_MARKER  # noqa: F841
-            fun_dynamic, dynamic, _ = leaves
-            fun = core.rebuild(fun_key, fun_dynamic)
-            args = core.rebuild(key, list(dynamic))
+            fun_dynamic, dynamic = self._unpack(parts)
+            fun = core.rebuild(fun_key, list(fun_dynamic))
+            args, _ = core.rebuild(key, list(dynamic))
             # Runs only when JAX traces (a new program): recorded whether or not explained.
             _explain.on_trace(records, "filter_pmap", core, fun, args, {})
             fun = self._traced_fun(fun, args)
             if uniform_out:
-                return run_and_split_output(fun, args, {}, core)
-            _equinox_errors.fresh_stacks()
-            return _group_output(core, fun(*args), out_axes, groups)
+                out = run_and_split_output(fun, args, {}, core)
+            else:
+                _equinox_errors.fresh_stacks()
+                out = _group_output(core, fun(*args), out_axes, groups)
+            if _equinox_errors.trace_has_check():
+                # Its calls wait for the result from now on (see `run`), so they must not
+                # be reached without Python. Sticky: a program traced again for other
+                # shapes keeps waiting.
+                self.error_checks[made[0]] = True
+                self.fast_programs.pop(key, None)
+            return out
 
         parallelised.__name__ = parallelised.__qualname__ = self.name
         pmap_out_axes: Any = self.out_axis if uniform_out else (None, *range(groups), None)
-        return jax.pmap(
+        pmapped = jax.pmap(
             parallelised,
             axis_name=self.axis_name,
             in_axes=self._in_axes(leaf_axes),
             out_axes=pmap_out_axes,
             axis_size=self.axis_size,
-            donate_argnums=() if self.donate == "none" else (0,),
+            donate_argnums=() if self.donate == "none" else (0, 1) if self.num_leading else (0,),
             **self.pmapkwargs,
         )
+        made.append(pmapped)
+        self.error_checks[pmapped] = False
+        return pmapped
 
     def run(self, pmapped, fun_dynamic, dynamic):
         watching = _equinox_errors.watching()  # before dispatch: it silences callback logs
         with _equinox_errors.translated():
             out = call_donating(
-                self.silence_unused_donation, pmapped, (fun_dynamic, dynamic, self.dummy)
+                self.silence_unused_donation, pmapped, *self.parts(fun_dynamic, dynamic)
             )
-            if watching:
+            if watching and self.has_check(pmapped):
                 # Devices run asynchronously: wait, so that a failed `eqx.error_if` is
-                # raised by this call rather than when `out` is used.
+                # raised by this call rather than when `out` is used. Only programs
+                # holding a check wait; every other call stays asynchronous.
                 try:
                     jax.block_until_ready(out)
                 except Exception:
@@ -777,7 +846,7 @@ class _PmapWrapper(Wrapper):
     Equinox's: children `fun`, `in_axes`, `out_axes`, `axis_name`, `axis_size`, whether
     unused-donation warnings are filtered, the keyword arguments of `jax.pmap`."""
 
-    __slots__ = _PMAP_FIELDS + ("_donate", "_state", "__dict__", "__weakref__")
+    __slots__ = _PMAP_FIELDS + ("_donate", "_state", "_dispatch", "__dict__", "__weakref__")
     _transform = "filter_pmap"
     _child_names = _PMAP_FIELDS
 
@@ -791,6 +860,7 @@ class _PmapWrapper(Wrapper):
         self._pmapkwargs = pmapkwargs
         self._donate = donate
         self._state = None
+        self._dispatch: Any = None
         copy_metadata(self, fun)
 
     def _tree_flatten(self) -> tuple[tuple, Any]:
@@ -815,7 +885,7 @@ class _PmapWrapper(Wrapper):
             self._pmapkwargs,
         )
 
-    def _ready(self) -> tuple[_PmapProgram, list]:
+    def _ready(self) -> tuple[_PmapProgram, tuple]:
         """(the shared program, fun's array leaves): made on first call, since
         unflattening may hand this wrapper placeholder children that are never called."""
         state = self._state
@@ -838,7 +908,21 @@ class _PmapWrapper(Wrapper):
                 lambda: _PmapProgram(core, fun_key, callable_name(self._fun), *options),
             )
             self._names = _parameter_names(self._fun) if isinstance(self._in_axes, dict) else None
-            state = self._state = (program, fun_dynamic)
+            leading = tuple(fun_dynamic)  # as the Dispatcher holds it
+            # The per-call path: the core's Dispatcher, as for filter_jit, on this
+            # program's fast tables; it calls `_slow_call` for everything else. It holds
+            # the wrapper weakly, so that wrapper and Dispatcher form no reference cycle.
+            self._dispatch = core.Dispatcher(
+                program.plans,
+                program.fast_programs,
+                IDENTITY_PLAN,
+                functools.partial(_slow_call_of, weakref.ref(self)),
+                OutputSpec,
+                leading,
+                program.fast,
+                _fast_error,
+            )
+            state = self._state = (program, leading)
         return state
 
     def _call_args(
@@ -851,9 +935,10 @@ class _PmapWrapper(Wrapper):
             in_axes = _named_in_axes(in_axes, self._names, len(args), program.name)
         try:
             is_leaf = None if variables is None else _nnx.collector(variables)
-            dynamic, key = program.core.flatten_split(args, is_leaf=is_leaf)
+            # Split as the Dispatcher splits a call, `(args, kwargs)`, for the same key.
+            dynamic, key = program.core.flatten_split((args, {}), is_leaf=is_leaf)
         except UnhashableStaticError as err:
-            raise with_call_path(err, ("args",)) from err.__cause__
+            raise with_call_path(err, ("args", "kwargs")) from err.__cause__
         if program.uniform_in and in_axes is self._in_axes:
             return key, None, dynamic
         leaves, _ = program.core.flatten_split(args, _always, hashed=False)
@@ -862,6 +947,26 @@ class _PmapWrapper(Wrapper):
         return key, leaf_axes, tuple(dynamic)
 
     def __call__(self, /, *args, **kwargs):
+        dispatch = self._dispatch
+        if dispatch is None:
+            self._ready()
+            dispatch = self._dispatch
+        try:
+            return dispatch(*args, **kwargs)
+        except _Undiagnosed as wrapped:
+            # A compiled program refused arrays that its static signature matched (mapped
+            # axes of different sizes, say): explain which arguments, as the fallback does.
+            err = wrapped.error
+        program, _ = self._ready()
+        key, leaf_axes, dynamic = self._call_args(program, args)
+        better = self._diagnose(program, args, key, leaf_axes, dynamic)
+        if better is None:
+            raise err from err.__cause__
+        raise better from err
+
+    def _slow_call(self, args: tuple, kwargs: dict) -> Any:
+        """A call off the Dispatcher's fast path: the first of its shape or static
+        signature, per-leaf axes, split outputs, `axis_size`, NNX, errors."""
         _check_no_kwargs(kwargs, "filter_pmap")
         program, fun_dynamic = self._ready()
         variables: list | None = [] if program.routes_nnx else None
@@ -884,8 +989,13 @@ class _PmapWrapper(Wrapper):
             # their updates, so the ordinary ones made so far are dropped.
             program.routes_nnx = True
             program.table.clear()
-            return self(*args)
+            program.forget_fast()
+            return self._slow_call(args, {})
         if variables is None:
+            if program.fast and leaf_axes is None and not program.has_check(pmapped):
+                # Later calls of this shape and static signature skip Python.
+                _caches.bounded_insert(program.fast_programs, key, pmapped)
+                _caches.bounded_insert(program.plans, len(args), IDENTITY_PLAN)
             return program.finish(out)
         out, changed, values = program.finish(out)
         if changed:
@@ -906,9 +1016,9 @@ class _PmapWrapper(Wrapper):
             raise _nnx.lower_error(program.name)
         key, leaf_axes, dynamic = self._call_args(program, args)
         self._require_mapped(program, leaf_axes, dynamic)
-        flat = (fun_dynamic, dynamic, program.dummy)
+        flat = program.parts(fun_dynamic, dynamic)
         try:
-            lowered = program.pmap_for(key, leaf_axes, fun_dynamic, dynamic).lower(flat)
+            lowered = program.pmap_for(key, leaf_axes, fun_dynamic, dynamic).lower(*flat)
         except _nnx.Reroute:
             program.table.clear()  # the ordinary program just made is of no use
             raise _nnx.lower_error(program.name) from None
@@ -937,6 +1047,31 @@ class _PmapWrapper(Wrapper):
             return None
         indices, axes, leaves = (list(column) for column in zip(*mapped, strict=True))
         return _diagnose_mapped_inputs("filter_pmap", args, indices, axes, leaves, self._axis_size)
+
+
+def _slow_call_of(ref: weakref.ref, leading: tuple, args: tuple, kwargs: dict) -> Any:
+    """The Dispatcher's fallback: the wrapper's `_slow_call`."""
+    wrapper = ref()
+    assert wrapper is not None, "the Dispatcher lives only as long as its wrapper"
+    return wrapper._slow_call(args, kwargs)
+
+
+class _Undiagnosed(Exception):
+    """Carries a compiled program's ValueError/IndexError from the Dispatcher to the
+    wrapper, which names the arguments at fault; never seen outside filterjax."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(error)
+        self.error = error
+
+
+def _fast_error(err: BaseException) -> BaseException | None:
+    """The Dispatcher's `on_error`: Equinox's exception for a failed check; errors that
+    mapped axes may explain go to the wrapper (`_Undiagnosed`); others as raised."""
+    replacement = _equinox_errors.replacement_for(err)
+    if replacement is None and isinstance(err, ValueError | IndexError):
+        return _Undiagnosed(err)
+    return replacement
 
 
 def _remake_pmap(fun, in_axes, out_axes, axis_name, axis_size, donate, pmapkwargs):
@@ -1099,7 +1234,10 @@ def filter_pmap(
 
     **Returns:**
 
-    The parallelised version of `fun`.
+    The parallelised version of `fun`. It returns as soon as the computation is
+    dispatched (JAX's asynchronous dispatch), like `jax.pmap`; only a program holding an
+    Equinox error check (`eqx.error_if`) waits for its result, so that a failed check
+    raises `equinox.EquinoxRuntimeError` at the call that caused it.
 
     !!! example
 
