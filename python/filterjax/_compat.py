@@ -26,7 +26,7 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 JAX_VERSION: tuple[int, ...] = _version_tuple(jax.__version__)
 
 # `jax.typeof` (public from jax 0.5/0.6 on); older releases spell it `jax.core.get_aval`.
-typeof: Any = getattr(jax, "typeof", None) or jax.core.get_aval
+typeof: Any = getattr(jax, "typeof", None) or getattr(jax.core, "get_aval")  # noqa: B009
 
 # `jax.sharding.AxisType.Explicit` exists from jax 0.5 on; before it, every mesh axis is
 # what later releases call "auto", so nothing can be explicit.
