@@ -161,7 +161,9 @@ def trace_has_check() -> bool:
     try:
         from jax._src import core as jax_core
 
-        eqns = list(jax_core.trace_ctx.trace.frame.tracing_eqns)
+        frame = jax_core.trace_ctx.trace.frame
+        # `tracing_eqns` from jax 0.8 on; older releases keep the equations in `eqns`.
+        eqns = list(frame.tracing_eqns if hasattr(frame, "tracing_eqns") else frame.eqns)
         subprograms = jax_core.jaxprs_in_params
     except Exception:
         return True
