@@ -10,6 +10,7 @@
 //! goes to the Python fallback, which fills the tables.
 
 use pyo3::exceptions::PyException;
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use std::sync::Mutex;
@@ -51,11 +52,24 @@ pub struct Dispatcher {
     /// The key of the last call found in `programs`: repeated calls with equal static
     /// parts are compared with it in place, without making a key object.
     last: Mutex<Option<Py<StaticKey>>>,
-    /// The last `(len(args), keyword names)` looked up in `plans` (see `keyword_shape`).
-    last_shape: Mutex<Option<(Py<PyTuple>, Py<PyList>)>>,
+    /// The last keyword call shape found in `plans` (see `keyword_plan`).
+    last_shape: Mutex<Option<KeywordShape>>,
 }
 
 static METHOD_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// A call shape with keyword arguments, and its binding plan.
+struct KeywordShape {
+    /// `(len(args), keyword names)`, the plan table's key.
+    shape: Py<PyTuple>,
+    /// The keyword names, sorted.
+    sorted: Py<PyList>,
+    /// What `plans` held for `shape`. A plan depends only on the function's signature and
+    /// the call shape, so it stays right after the table drops or re-wraps it: a call shape
+    /// holding NNX objects is still sent to the fallback, because NNX programs are never
+    /// stored under a key a Dispatcher makes.
+    plan: Py<PyAny>,
+}
 
 /// One entry of a binding plan: where a bound argument comes from in the call.
 fn pick<'py>(
@@ -125,69 +139,87 @@ impl Dispatcher {
     /// The program compiled for the key these parts make (None if there is none yet), and
     /// the dynamic leaves to call it with.
     ///
-    /// Parts equal to the key of this dispatcher's last hit are looked up by that key, with
-    /// no new key object; otherwise a key is made and, if found, remembered for next time.
-    /// The table is consulted either way, so a cleared or evicted program is never called.
+    /// Parts that matched the key of this dispatcher's last hit while they were made are
+    /// looked up by that key, with no new key object and no hashing; otherwise a key is
+    /// made and, if found, remembered for next time. The table is consulted either way, so
+    /// a cleared or evicted program is never called.
     #[allow(clippy::type_complexity)]
     fn lookup<'py>(
         &self,
         py: Python<'py>,
-        parts: flatten::Parts<'py>,
-        hash: isize,
-    ) -> PyResult<Option<(Bound<'py, PyAny>, Bound<'py, PyList>)>> {
+        mut parts: flatten::Parts<'py>,
+        last: Option<&Bound<'py, StaticKey>>,
+    ) -> PyResult<Lookup<'py>> {
         let programs = self.programs.bind(py);
-        let last = self.last_key(py);
-        if let Some(last) = last {
-            let known = last.get();
-            if known.cached_hash() == Some(hash) && parts.equal_to(py, known)? {
-                let mut parts = parts;
-                let dynamic = parts.take_dynamic(py)?;
-                parts.recycle();
-                return Ok(programs.get_item(&last)?.map(|p| (p, dynamic)));
-            }
+        if let (true, Some(last)) = (parts.matched, last) {
+            let dynamic = parts.take_dynamic(py)?;
+            parts.recycle();
+            return Ok(match programs.get_item(last)? {
+                Some(program) => Lookup::Found(program, dynamic),
+                None => Lookup::Missing,
+            });
         }
+        let hash = match parts.hash(py) {
+            Ok(hash) => hash,
+            Err(failure) => return Ok(Lookup::Unhashable(failure.err)),
+        };
         let (dynamic, key) = parts.into_key(py, Some(hash))?;
         let key = Bound::new(py, key)?;
         let Some(program) = programs.get_item(&key)? else {
-            return Ok(None);
+            return Ok(Lookup::Missing);
         };
         let remembered = table_key(programs, &program, hash).unwrap_or(key);
         self.remember(remembered.unbind());
-        Ok(Some((program, dynamic)))
+        Ok(Lookup::Found(program, dynamic))
     }
 
-    /// `(len(args), keyword names)`, the plan table's key for a call with keywords, and
-    /// the names sorted. The last ones made are reused while calls pass the same names (the
-    /// same string objects, in the same order), as repeated calls from one call site do.
-    fn keyword_shape<'py>(
+    /// The binding plan of a call with these keyword arguments (None if the plan table has
+    /// none yet), and their names sorted. The last ones found are reused while calls pass
+    /// the same names (the same string objects, in the same order), as repeated calls from
+    /// one call site do, without looking the table up.
+    #[allow(clippy::type_complexity)]
+    fn keyword_plan<'py>(
         &self,
         py: Python<'py>,
         num_args: usize,
         kwargs: &Bound<'py, PyDict>,
-    ) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyList>)> {
+    ) -> PyResult<Option<(Bound<'py, PyAny>, Bound<'py, PyList>)>> {
         let last = self.last_shape.lock().ok().and_then(|guard| {
-            guard
-                .as_ref()
-                .map(|(shape, sorted)| (shape.bind(py).clone(), sorted.bind(py).clone()))
+            guard.as_ref().map(|known| {
+                (
+                    known.shape.bind(py).clone(),
+                    known.sorted.bind(py).clone(),
+                    known.plan.bind(py).clone(),
+                )
+            })
         });
-        if let Some((shape, sorted)) = last {
+        if let Some((shape, sorted, plan)) = last {
             if same_shape(&shape, num_args, kwargs)? {
-                return Ok((shape, sorted));
+                return Ok(Some((plan, sorted)));
             }
         }
         let names = PyTuple::new(py, kwargs.keys())?;
-        let sorted = kwargs.keys();
-        sorted.sort()?;
         let shape = PyTuple::new(
             py,
             [num_args.into_pyobject(py)?.into_any(), names.into_any()],
         )?;
+        let Some(plan) = self.plans.bind(py).get_item(&shape)? else {
+            return Ok(None);
+        };
+        let sorted = kwargs.keys();
+        sorted.sort()?;
+        let found = KeywordShape {
+            shape: shape.unbind(),
+            sorted: sorted.clone().unbind(),
+            plan: plan.clone().unbind(),
+        };
         let previous = match self.last_shape.lock() {
-            Ok(mut guard) => guard.replace((shape.clone().unbind(), sorted.clone().unbind())),
+            Ok(mut guard) => guard.replace(found),
             Err(_) => None,
         };
+        // Released after the lock: freeing a plan can run Python code.
         drop(previous);
-        Ok((shape, sorted))
+        Ok(Some((plan, sorted)))
     }
 
     fn last_key<'py>(&self, py: Python<'py>) -> Option<Bound<'py, StaticKey>> {
@@ -218,6 +250,16 @@ impl Dispatcher {
     }
 }
 
+/// What `Dispatcher::lookup` found.
+enum Lookup<'py> {
+    /// The program and the dynamic leaves to call it with.
+    Found(Bound<'py, PyAny>, Bound<'py, PyList>),
+    /// No program for this static signature (yet).
+    Missing,
+    /// A static leaf could not be hashed (the error `hash` raised).
+    Unhashable(PyErr),
+}
+
 /// Is `shape` the `(num_args, names)` of a call with these keyword arguments, names
 /// compared by identity?
 fn same_shape(
@@ -225,18 +267,28 @@ fn same_shape(
     num_args: usize,
     kwargs: &Bound<'_, PyDict>,
 ) -> PyResult<bool> {
-    if shape.get_item(0)?.extract::<usize>()? != num_args {
+    if shape.get_borrowed_item(0)?.extract::<usize>()? != num_args {
         return Ok(false);
     }
-    let names = shape.get_item(1)?;
+    let names = shape.get_borrowed_item(1)?;
     let names = names.cast_exact::<PyTuple>()?;
     if names.len() != kwargs.len() {
         return Ok(false);
     }
-    Ok(names
-        .iter()
-        .zip(kwargs.iter())
-        .all(|(name, (given, _))| name.is(&given)))
+    let mut position: ffi::Py_ssize_t = 0;
+    let mut key: *mut ffi::PyObject = std::ptr::null_mut();
+    let mut value: *mut ffi::PyObject = std::ptr::null_mut();
+    for name in names.iter_borrowed() {
+        // SAFETY: the GIL is held and `kwargs` is a live dict, not changed during the loop
+        // (nothing here runs Python code). `PyDict_Next` hands out borrowed references,
+        // which are only compared by address, never used.
+        let more =
+            unsafe { ffi::PyDict_Next(kwargs.as_ptr(), &mut position, &mut key, &mut value) };
+        if more == 0 || key != name.as_ptr() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Most table entries searched for the key object the table itself holds.
@@ -327,21 +379,24 @@ impl Dispatcher {
         }
         let plans = self.plans.bind(py);
         let (plan, sorted_keys) = match kwargs {
-            None => (plans.get_item(args.len())?, None),
-            Some(kwargs) => {
-                let (shape, sorted) = self.keyword_shape(py, args.len(), kwargs)?;
-                (plans.get_item(shape)?, Some(sorted))
-            }
+            None => match plans.get_item(args.len())? {
+                Some(plan) => (plan, None),
+                None => return fallback(),
+            },
+            Some(kwargs) => match self.keyword_plan(py, args.len(), kwargs)? {
+                Some((plan, sorted)) => (plan, Some(sorted)),
+                None => return fallback(),
+            },
         };
-        let Some(plan) = plan else {
-            return fallback();
-        };
+        // Compared with the last call's key as it is made (see `flatten::Expected`).
+        let last = self.last_key(py);
+        let expect = last.as_ref().map(|key| key.get());
         let parts = if plan.is(&self.identity_plan) {
             let kwargs = kwargs.map(|dict| CallKwargs {
                 dict,
                 sorted_keys: sorted_keys.as_ref(),
             });
-            flatten::partition_call(py, args, kwargs)
+            flatten::partition_call(py, args, kwargs, expect)
         } else {
             match apply_plan(py, &plan, args, kwargs)? {
                 Some((bound_args, bound_kwargs)) => {
@@ -349,7 +404,7 @@ impl Dispatcher {
                         dict,
                         sorted_keys: None,
                     });
-                    flatten::partition_bound_call(py, &bound_args, kwargs)
+                    flatten::partition_bound_call(py, &bound_args, kwargs, expect)
                 }
                 None => return fallback(),
             }
@@ -360,19 +415,16 @@ impl Dispatcher {
             Err(Stop::Raised(err)) if !err.is_instance_of::<PyException>(py) => return Err(err),
             Err(_) => return fallback(),
         };
-        let hash = match parts.hash(py) {
-            Ok(hash) => hash,
-            // An unhashable static leaf: the fallback says which.
-            Err(failure) if failure.err.is_instance_of::<PyException>(py) => return fallback(),
-            Err(failure) => return Err(failure.err),
-        };
-        let program = match self.lookup(py, parts, hash) {
-            Ok(Some(found)) => found,
-            // A static signature not compiled yet, or a static leaf whose `__eq__` raised
-            // (the fallback says which leaf it was).
-            Ok(None) => return fallback(),
-            Err(err) if err.is_instance_of::<PyException>(py) => return fallback(),
-            Err(err) => return Err(err),
+        let program = match self.lookup(py, parts, last.as_ref()) {
+            Ok(Lookup::Found(program, dynamic)) => (program, dynamic),
+            // A static signature not compiled yet.
+            Ok(Lookup::Missing) => return fallback(),
+            // An unhashable static leaf, or one whose `__eq__` raised: the fallback says
+            // which leaf it was.
+            Ok(Lookup::Unhashable(err)) | Err(err) if err.is_instance_of::<PyException>(py) => {
+                return fallback()
+            }
+            Ok(Lookup::Unhashable(err)) | Err(err) => return Err(err),
         };
         let (program, dynamic) = program;
         // Two flat sequences, not one positional argument per leaf: JAX flattens a list in
@@ -432,7 +484,11 @@ impl Dispatcher {
                 visit.call(key)?;
             }
         }
-        // `last_shape` holds only ints and strings, which can't be part of a cycle.
+        if let Ok(last_shape) = self.last_shape.try_lock() {
+            if let Some(known) = last_shape.as_ref() {
+                visit.call(&known.plan)?;
+            }
+        }
         Ok(())
     }
 }

@@ -13,7 +13,7 @@ use pyo3::{ffi, PyTypeInfo};
 use crate::classify::{self, Globals};
 use crate::dataclass::{self, DataclassFields};
 use crate::errors::{self, Stop};
-use crate::key::{hash_parts, HashFailure, Node, StaticKey};
+use crate::key::{hash_parts, node_equal, same_or_equal, HashFailure, Node, StaticKey};
 
 /// Deepest nesting accepted whatever `sys.getrecursionlimit()` says. The walk keeps its own
 /// stack on the heap (a few words per level), so this only bounds memory for absurd limits.
@@ -157,6 +157,20 @@ pub(crate) struct Flattener<'a, 'py> {
     pub(crate) pending: Option<PyErr>,
     /// The walk's stack of open nodes, kept between runs.
     stack: Vec<Open<'py>>,
+    /// The key this flatten is expected to make, if one is (see `Expected`).
+    expect: Option<Expected<'a>>,
+}
+
+/// A key compared with the tree while it is walked, so that a call repeating an earlier
+/// call's static part is recognised without recording its structure: every node is
+/// compared with the key's node at the same position instead of being stored, every leaf's
+/// kind (dynamic or static) and static type with the key's mask and statics. At the first
+/// difference the nodes matched so far are copied from the key and the walk goes on
+/// recording, so the result is the same as a flatten without a key.
+pub(crate) struct Expected<'a> {
+    key: &'a StaticKey,
+    /// How many of the key's nodes (a prefix) the walk has matched.
+    matched: usize,
 }
 
 impl<'a, 'py> Flattener<'a, 'py> {
@@ -165,28 +179,26 @@ impl<'a, 'py> Flattener<'a, 'py> {
         g: &'a Globals,
         is_leaf: Option<&'a Bound<'py, PyAny>>,
     ) -> Self {
-        let (nodes, dynamic, statics, mask) = match SPARE.with(|spare| spare.borrow_mut().take()) {
-            Some(spare) => (
-                spare.nodes,
-                spare
-                    .dynamic
-                    .into_iter()
-                    .map(|p| p.into_bound(py))
-                    .collect(),
-                spare
-                    .statics
-                    .into_iter()
-                    .map(|p| p.into_bound(py))
-                    .collect(),
-                spare.mask,
-            ),
-            None => (
-                Vec::with_capacity(HINT_NODES.get()),
-                Vec::with_capacity(HINT_DYNAMIC.get()),
-                Vec::with_capacity(HINT_STATIC.get()),
-                Vec::with_capacity(HINT_LEAVES.get()),
-            ),
-        };
+        let (nodes, dynamic, statics, mask, stack) =
+            match SPARE.with(|spare| spare.borrow_mut().take()) {
+                // SAFETY (each `relifetime`): the element types differ only in a lifetime.
+                Some(spare) => unsafe {
+                    (
+                        spare.nodes,
+                        relifetime(spare.dynamic),
+                        relifetime(spare.statics),
+                        spare.mask,
+                        relifetime(spare.stack),
+                    )
+                },
+                None => (
+                    Vec::with_capacity(HINT_NODES.get()),
+                    Vec::with_capacity(HINT_DYNAMIC.get()),
+                    Vec::with_capacity(HINT_STATIC.get()),
+                    Vec::with_capacity(HINT_LEAVES.get()),
+                    Vec::new(),
+                ),
+            };
         Flattener {
             py,
             g,
@@ -200,7 +212,85 @@ impl<'a, 'py> Flattener<'a, 'py> {
             statics,
             mask,
             pending: None,
-            stack: Vec::new(),
+            stack,
+            expect: None,
+        }
+    }
+
+    /// Compare the walk with `key` (see `Expected`).
+    pub(crate) fn expect(&mut self, key: Option<&'a StaticKey>) {
+        self.expect = key.map(|key| Expected { key, matched: 0 });
+    }
+
+    /// Record `node`, the next node in post-order; or, while the walk matches the expected
+    /// key, check it against the key's node at this position.
+    #[inline]
+    fn emit(&mut self, node: Node) {
+        if let Some(expected) = &mut self.expect {
+            if let Some(known) = expected.key.nodes.get(expected.matched) {
+                let same = match (known, &node) {
+                    (Node::Leaf, Node::Leaf) | (Node::None, Node::None) => true,
+                    (Node::Tuple(a), Node::Tuple(b)) | (Node::List(a), Node::List(b)) => a == b,
+                    // A comparison that raises counts as a difference: the lookup that
+                    // follows compares again, and reports the error where it always has.
+                    _ => node_equal(self.py, known, &node).unwrap_or(false),
+                };
+                if same {
+                    expected.matched += 1;
+                    return;
+                }
+            }
+            self.diverge();
+        }
+        self.nodes.push(node);
+    }
+
+    /// `emit(Node::Leaf)`, without making the node to compare.
+    #[inline]
+    fn emit_leaf(&mut self) {
+        if let Some(expected) = &mut self.expect {
+            if let Some(Node::Leaf) = expected.key.nodes.get(expected.matched) {
+                expected.matched += 1;
+                return;
+            }
+            self.diverge();
+        }
+        self.nodes.push(Node::Leaf);
+    }
+
+    /// Stop comparing: record the nodes matched so far, as copies of the key's.
+    #[cold]
+    #[inline(never)]
+    fn diverge(&mut self) {
+        if let Some(expected) = self.expect.take() {
+            let py = self.py;
+            let prefix = &expected.key.nodes[..expected.matched];
+            self.nodes
+                .extend(prefix.iter().map(|node| node.clone_ref(py)));
+        }
+    }
+
+    /// Does the leaf about to be recorded (dynamic or not, and of type `ty` if static)
+    /// agree with the expected key? Stops comparing if not.
+    #[inline]
+    fn check_leaf(&mut self, dynamic: bool, ty: *mut ffi::PyTypeObject) {
+        let Some(expected) = &self.expect else {
+            return;
+        };
+        let key = expected.key;
+        let agrees = match key.mask.get(self.mask.len()) {
+            Some(&known) if known == dynamic => {
+                dynamic
+                    || key
+                        .statics
+                        .bind(self.py)
+                        .get_borrowed_item(self.statics.len())
+                        .is_ok_and(|known| known.get_type_ptr() == ty)
+            }
+            _ => false,
+        };
+        if !agrees {
+            self.diverge();
         }
     }
 
@@ -270,7 +360,7 @@ impl<'a, 'py> Flattener<'a, 'py> {
                 }
                 None => {
                     if let Some(done) = stack.pop() {
-                        self.nodes.push(done.into_node());
+                        self.emit(done.into_node());
                     }
                 }
             }
@@ -279,7 +369,7 @@ impl<'a, 'py> Flattener<'a, 'py> {
     }
 
     fn leaf(&mut self, obj: Bound<'py, PyAny>) {
-        self.nodes.push(Node::Leaf);
+        self.emit_leaf();
         if self.pending.is_some() {
             return;
         }
@@ -290,10 +380,12 @@ impl<'a, 'py> Flattener<'a, 'py> {
         };
         match dynamic {
             Ok(true) => {
+                self.check_leaf(true, obj.get_type_ptr());
                 self.dynamic.push(obj);
                 self.mask.push(true);
             }
             Ok(false) => {
+                self.check_leaf(false, obj.get_type_ptr());
                 self.statics.push(obj);
                 self.mask.push(false);
             }
@@ -329,7 +421,7 @@ impl<'a, 'py> Flattener<'a, 'py> {
             return Ok(None);
         }
         if obj.is_none() {
-            self.nodes.push(Node::None);
+            self.emit(Node::None);
             return Ok(None);
         }
         if ty == PyTuple::type_object_raw(py) {
@@ -588,9 +680,26 @@ fn empty_keys(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
 /// flatten on this thread: a repeated call then allocates none. Always empty of objects.
 struct Spare {
     nodes: Vec<Node>,
-    dynamic: Vec<Py<PyAny>>,
-    statics: Vec<Py<PyAny>>,
+    dynamic: Vec<Bound<'static, PyAny>>,
+    statics: Vec<Bound<'static, PyAny>>,
     mask: Vec<bool>,
+    stack: Vec<Open<'static>>,
+}
+
+/// The allocation of `vec`, emptied, as a vector of another element type.
+///
+/// # Safety
+/// `T` and `U` must differ only in lifetimes (so they have the same layout). No value is
+/// ever read as the other type: the vector is emptied (its elements dropped as `T`) first.
+/// Spare buffers are kept this way with `'static` in place of the walk's `'py`.
+unsafe fn relifetime<T, U>(vec: Vec<T>) -> Vec<U> {
+    let mut vec = std::mem::ManuallyDrop::new(vec);
+    vec.clear();
+    let (ptr, capacity) = (vec.as_mut_ptr(), vec.capacity());
+    // SAFETY: the allocation was made by a `Vec<T>` with this capacity and is handed over
+    // whole (`ManuallyDrop` never frees it); `U` has `T`'s layout (the caller's promise);
+    // the length is 0.
+    unsafe { Vec::from_raw_parts(ptr.cast::<U>(), 0, capacity) }
 }
 
 thread_local! {
@@ -603,21 +712,27 @@ pub struct Parts<'py> {
     pub dynamic: Vec<Bound<'py, PyAny>>,
     pub statics: Vec<Bound<'py, PyAny>>,
     pub mask: Vec<bool>,
+    /// The tree made exactly the key it was expected to make (see `Expected`); `nodes`
+    /// is then empty.
+    pub matched: bool,
+    /// The walk stack's allocation, for `recycle`.
+    stack: Vec<Open<'py>>,
+    /// Each static leaf's hash, once `hash` has run.
+    static_hashes: Vec<isize>,
 }
 
 impl<'py> Parts<'py> {
     /// The key's hash for these parts (`StaticKey::compute_hash` of the key they make).
-    pub fn hash(&self, py: Python<'py>) -> Result<isize, HashFailure> {
-        hash_parts(py, &self.nodes, &self.mask, self.statics.len(), |i| {
-            Ok(self.statics[i].clone())
-        })
-    }
-
-    /// Do these parts make a key equal to `key`? (`key == StaticKey(parts)`.)
-    pub fn equal_to(&self, py: Python<'py>, key: &StaticKey) -> PyResult<bool> {
-        key.equal_to_parts(py, &self.nodes, &self.mask, self.statics.len(), |i| {
-            Ok(self.statics[i].clone())
-        })
+    pub fn hash(&mut self, py: Python<'py>) -> Result<isize, HashFailure> {
+        let statics = &self.statics;
+        hash_parts(
+            py,
+            &self.nodes,
+            &self.mask,
+            statics.len(),
+            |i| Ok(statics[i].clone()),
+            &mut self.static_hashes,
+        )
     }
 
     /// The dynamic leaves, as a list, leaving the rest of the parts as they were.
@@ -633,17 +748,21 @@ impl<'py> Parts<'py> {
         self.dynamic.clear();
         self.statics.clear();
         self.mask.clear();
-        let spare = Spare {
-            nodes: self.nodes,
-            // Empty, so these reuse the buffers as they are.
-            dynamic: self.dynamic.into_iter().map(Bound::unbind).collect(),
-            statics: self.statics.into_iter().map(Bound::unbind).collect(),
-            mask: self.mask,
+        // SAFETY (each `relifetime`): the element types differ only in a lifetime.
+        let spare = unsafe {
+            Spare {
+                nodes: self.nodes,
+                dynamic: relifetime(self.dynamic),
+                statics: relifetime(self.statics),
+                mask: self.mask,
+                stack: relifetime(self.stack),
+            }
         };
         SPARE.with(|slot| *slot.borrow_mut() = Some(spare));
     }
 
-    /// The dynamic leaves (a list) and the key, whose hash is `hash` if given.
+    /// The dynamic leaves (a list) and the key, whose hash is `hash` if given (as `hash`
+    /// computed it, leaving the static leaves' hashes in these parts).
     pub fn into_key(
         self,
         py: Python<'py>,
@@ -653,7 +772,14 @@ impl<'py> Parts<'py> {
         let dynamic = PyList::new(py, self.dynamic)?;
         let statics = PyTuple::new(py, self.statics)?.unbind();
         let key = match hash {
-            Some(h) => StaticKey::with_hash(self.nodes, statics, self.mask, num_dynamic, h),
+            Some(h) => StaticKey::with_hash(
+                self.nodes,
+                statics,
+                self.mask,
+                num_dynamic,
+                h,
+                self.static_hashes,
+            ),
             None => StaticKey::new(self.nodes, statics, self.mask, num_dynamic),
         };
         Ok((dynamic, key))
@@ -663,11 +789,14 @@ impl<'py> Parts<'py> {
 impl<'a, 'py> Flattener<'a, 'py> {
     /// What was flattened, or the first error classifying a leaf. Remembers the sizes as
     /// the next call's capacity hints.
-    fn into_parts(self) -> PyResult<Parts<'py>> {
-        if let Some(err) = self.pending {
+    fn into_parts(mut self) -> PyResult<Parts<'py>> {
+        if let Some(err) = self.pending.take() {
             return Err(err);
         }
-        HINT_NODES.set(self.nodes.len());
+        let matched = self.all_matched();
+        if !matched {
+            HINT_NODES.set(self.nodes.len());
+        }
         HINT_DYNAMIC.set(self.dynamic.len());
         HINT_STATIC.set(self.statics.len());
         HINT_LEAVES.set(self.mask.len());
@@ -676,7 +805,45 @@ impl<'a, 'py> Flattener<'a, 'py> {
             dynamic: self.dynamic,
             statics: self.statics,
             mask: self.mask,
+            matched,
+            stack: self.stack,
+            static_hashes: Vec::new(),
         })
+    }
+
+    /// Once the walk is over: did it make exactly the expected key? The structure, mask and
+    /// static types were compared on the way; the static leaves are compared last, with
+    /// `==` as keys compare them. If not, the nodes are recorded in full.
+    fn all_matched(&mut self) -> bool {
+        let Some(expected) = &self.expect else {
+            return false;
+        };
+        let key = expected.key;
+        let complete = expected.matched == key.nodes.len() && self.mask.len() == key.mask.len();
+        if let (true, Some(hashes)) = (complete, key.static_hashes()) {
+            let statics = key.statics.bind(self.py);
+            // Hash and `==`, as a table lookup would test the leaf: a leaf changed in place
+            // since the key was made is the key's own object, but no longer hashes alike.
+            // As above, an `__eq__` (or `__hash__`) that raises counts as a difference.
+            let equal = statics.len() == self.statics.len()
+                && hashes.len() == self.statics.len()
+                && self
+                    .statics
+                    .iter()
+                    .zip(hashes)
+                    .enumerate()
+                    .all(|(index, (leaf, &hash))| {
+                        leaf.hash().is_ok_and(|h| h == hash)
+                            && statics
+                                .get_borrowed_item(index)
+                                .is_ok_and(|known| same_or_equal(&known, leaf).unwrap_or(false))
+                    });
+            if equal {
+                return true;
+            }
+        }
+        self.diverge();
+        false
     }
 }
 
@@ -687,12 +854,15 @@ pub fn partition_call<'py>(
     py: Python<'py>,
     args: &Bound<'py, PyTuple>,
     kwargs: Option<CallKwargs<'_, 'py>>,
+    expect: Option<&StaticKey>,
 ) -> Result<Parts<'py>, Stop> {
     let g = classify::globals(py)?;
     let mut f = Flattener::new(py, g, None);
+    f.expect(expect);
     // The pair is the root (depth 0); its two children sit at depth 1.
     f.run_from(args.as_any(), 1)?;
-    finish_call(py, f, kwargs)
+    finish_call(py, &mut f, kwargs)?;
+    Ok(f.into_parts()?)
 }
 
 /// `partition_call` for positional arguments given one by one (as a binding plan picks
@@ -701,14 +871,17 @@ pub fn partition_bound_call<'py>(
     py: Python<'py>,
     args: &[Bound<'py, PyAny>],
     kwargs: Option<CallKwargs<'_, 'py>>,
+    expect: Option<&StaticKey>,
 ) -> Result<Parts<'py>, Stop> {
     let g = classify::globals(py)?;
     let mut f = Flattener::new(py, g, None);
+    f.expect(expect);
     for arg in args {
         f.run_from(arg, 2)?;
     }
-    f.nodes.push(Node::Tuple(args.len()));
-    finish_call(py, f, kwargs)
+    f.emit(Node::Tuple(args.len()));
+    finish_call(py, &mut f, kwargs)?;
+    Ok(f.into_parts()?)
 }
 
 /// A call's keyword arguments, with their names sorted if already known.
@@ -722,22 +895,22 @@ pub struct CallKwargs<'a, 'py> {
 /// The keyword half of a call's `(args, kwargs)` pair, then the pair itself.
 fn finish_call<'py>(
     py: Python<'py>,
-    mut f: Flattener<'_, 'py>,
+    f: &mut Flattener<'_, 'py>,
     kwargs: Option<CallKwargs<'_, 'py>>,
-) -> Result<Parts<'py>, Stop> {
+) -> Result<(), Stop> {
     match kwargs {
         Some(CallKwargs {
             dict,
             sorted_keys: Some(keys),
         }) => f.run_dict_from(dict, keys, 1)?,
         Some(CallKwargs { dict, .. }) => f.run_from(dict.as_any(), 1)?,
-        None => f.nodes.push(Node::Dict {
+        None => f.emit(Node::Dict {
             keys: empty_keys(py)?.unbind(),
             arity: 0,
         }),
     }
-    f.nodes.push(Node::Tuple(2));
-    Ok(f.into_parts()?)
+    f.emit(Node::Tuple(2));
+    Ok(())
 }
 
 pub fn flatten_split<'py>(

@@ -1,6 +1,7 @@
 //! `StaticKey`: the structure of a partitioned PyTree, its static leaves and its mask.
 
 use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::OnceLock;
 
 use pyo3::basic::CompareOp;
 use pyo3::gc::PyVisit;
@@ -59,6 +60,48 @@ impl Node {
             | Node::DefaultDict { arity, .. }
             | Node::NamedTuple { arity, .. }
             | Node::Custom { arity, .. } => *arity,
+        }
+    }
+
+    /// A copy of this node holding new references to the same objects.
+    pub fn clone_ref(&self, py: Python<'_>) -> Node {
+        match self {
+            Node::Leaf => Node::Leaf,
+            Node::None => Node::None,
+            Node::Tuple(n) => Node::Tuple(*n),
+            Node::List(n) => Node::List(*n),
+            Node::Dict { keys, arity } => Node::Dict {
+                keys: keys.clone_ref(py),
+                arity: *arity,
+            },
+            Node::OrderedDict { keys, arity } => Node::OrderedDict {
+                keys: keys.clone_ref(py),
+                arity: *arity,
+            },
+            Node::DefaultDict {
+                factory,
+                keys,
+                arity,
+            } => Node::DefaultDict {
+                factory: factory.clone_ref(py),
+                keys: keys.clone_ref(py),
+                arity: *arity,
+            },
+            Node::NamedTuple { kind, arity } => Node::NamedTuple {
+                kind: kind.clone_ref(py),
+                arity: *arity,
+            },
+            Node::Custom {
+                kind,
+                aux,
+                from_iter,
+                arity,
+            } => Node::Custom {
+                kind: kind.clone_ref(py),
+                aux: aux.clone_ref(py),
+                from_iter: from_iter.clone_ref(py),
+                arity: *arity,
+            },
         }
     }
 
@@ -180,14 +223,17 @@ fn mix(h: u64, v: u64) -> u64 {
 
 /// The hash of a key made of these parts: node kinds, arities, dict keys, node types, the
 /// mask and every static leaf; never custom aux data (jax does not require it to be
-/// hashable). `static_at(i)` gives the `i`-th of `num_statics` static leaves.
+/// hashable). `static_at(i)` gives the `i`-th of `num_statics` static leaves; their own
+/// hashes are left in `static_hashes`.
 pub fn hash_parts<'py>(
     py: Python<'py>,
     nodes: &[Node],
     mask: &[bool],
     num_statics: usize,
     static_at: impl Fn(usize) -> PyResult<Bound<'py, PyAny>>,
+    static_hashes: &mut Vec<isize>,
 ) -> Result<isize, HashFailure> {
+    static_hashes.clear();
     let mut h: u64 = 0x2545_F491_4F6C_DD1D ^ nodes.len() as u64;
     let hash_of = |obj: &Bound<'_, PyAny>| -> u64 {
         // Dict keys are hashable (they are in a dict); should one still fail, leave it
@@ -224,12 +270,24 @@ pub fn hash_parts<'py>(
     for static_index in 0..num_statics {
         let hashed = static_at(static_index).and_then(|leaf| leaf.hash());
         match hashed {
-            Ok(v) => h = mix(h, v as u64),
+            Ok(v) => {
+                static_hashes.push(v);
+                h = mix(h, v as u64);
+            }
             Err(err) => return Err(HashFailure { static_index, err }),
         }
     }
     let out = (h ^ (h >> 32)) as isize;
     Ok(if out == HASH_UNSET { -2 } else { out })
+}
+
+/// Are two nodes the same (kind, arity, node data)?
+#[inline]
+pub fn node_equal(py: Python<'_>, a: &Node, b: &Node) -> PyResult<bool> {
+    if a.tag() != b.tag() || a.arity() != b.arity() {
+        return Ok(false);
+    }
+    node_data_equal(py, a, b)
 }
 
 /// Do two nodes sequences describe the same structure (kinds, arities, node data)?
@@ -238,10 +296,7 @@ fn nodes_equal(py: Python<'_>, a: &[Node], b: &[Node]) -> PyResult<bool> {
         return Ok(false);
     }
     for (x, y) in a.iter().zip(b.iter()) {
-        if x.tag() != y.tag() || x.arity() != y.arity() {
-            return Ok(false);
-        }
-        if !node_data_equal(py, x, y)? {
+        if !node_equal(py, x, y)? {
             return Ok(false);
         }
     }
@@ -259,6 +314,9 @@ pub struct StaticKey {
     pub mask: Vec<bool>,
     pub num_dynamic: usize,
     hash: AtomicIsize,
+    /// The hash of each static leaf when the key was hashed. A leaf changed in place since
+    /// then (a mutable object that hashes by value) no longer matches it.
+    static_hashes: OnceLock<Box<[isize]>>,
     mask_tuple: PyOnceLock<Py<PyTuple>>,
 }
 
@@ -281,6 +339,7 @@ impl StaticKey {
             mask,
             num_dynamic,
             hash: AtomicIsize::new(HASH_UNSET),
+            static_hashes: OnceLock::new(),
             mask_tuple: PyOnceLock::new(),
         }
     }
@@ -297,22 +356,38 @@ impl StaticKey {
             return Ok(h);
         }
         let statics = self.statics.bind(py);
-        let out = hash_parts(py, &self.nodes, &self.mask, statics.len(), |i| {
-            statics.get_item(i)
-        })?;
+        let mut static_hashes = Vec::with_capacity(statics.len());
+        let out = hash_parts(
+            py,
+            &self.nodes,
+            &self.mask,
+            statics.len(),
+            |i| statics.get_item(i),
+            &mut static_hashes,
+        )?;
+        let _ = self.static_hashes.set(static_hashes.into_boxed_slice());
         self.hash.store(out, Ordering::Relaxed);
         Ok(out)
     }
 
-    /// A key of these parts whose hash is already known (`hash_parts` of the same parts).
+    /// The static leaves' hashes, once the key has been hashed.
+    #[inline]
+    pub(crate) fn static_hashes(&self) -> Option<&[isize]> {
+        self.static_hashes.get().map(|h| &h[..])
+    }
+
+    /// A key of these parts whose hash is already known (`hash_parts` of the same parts,
+    /// which gave `static_hashes`).
     pub fn with_hash(
         nodes: Vec<Node>,
         statics: Py<PyTuple>,
         mask: Vec<bool>,
         num_dynamic: usize,
         hash: isize,
+        static_hashes: Vec<isize>,
     ) -> Self {
         let key = StaticKey::new(nodes, statics, mask, num_dynamic);
+        let _ = key.static_hashes.set(static_hashes.into_boxed_slice());
         key.hash.store(hash, Ordering::Relaxed);
         key
     }

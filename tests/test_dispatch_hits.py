@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import filterjax as fj
+
+import helpers
 
 
 class Counted:
@@ -290,3 +292,44 @@ def test_repeated_calls_leak_no_references():
         for _ in range(500):
             call()
         assert (sys.getrefcount(x), sys.getrefcount(static)) == before
+
+
+def _contains_str_array(spec) -> bool:
+    kind, meta, kids = spec
+    if kind == "np" and meta[0] == "<U3":
+        return True
+    return any(_contains_str_array(kid) for kid in kids)
+
+
+def _assert_same_values(out, tree):
+    none_leaf = lambda x: x is None
+    out_leaves, out_def = jax.tree_util.tree_flatten(out, is_leaf=none_leaf)
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=none_leaf)
+    assert out_def == treedef
+    for got, given in zip(out_leaves, leaves, strict=True):
+        if fj.is_array(given):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(given))
+        else:
+            assert type(got) is type(given) and got == given
+
+
+@settings(max_examples=60, deadline=None)
+@given(helpers.changed_specs(), st.lists(st.booleans(), max_size=6))
+def test_a_call_differing_anywhere_from_the_last_runs_its_own_program(pair, order):
+    # The Dispatcher compares each call with the last one's signature while it flattens
+    # it: a difference at any place (structure, node data, a leaf's kind, a static's type
+    # or value) must still find the other program, and the first call again after it.
+    spec, changed = pair
+    assume(not _contains_str_array(spec) and not _contains_str_array(changed))
+    traces = []
+
+    def g(tree):
+        traces.append(None)
+        return tree
+
+    f = fj.filter_jit(g)
+    # Each signature is repeated (a hit remembers it), then followed by the other.
+    for use_changed in [False, True, False, False, True, True, False, *order]:
+        tree = helpers.build(changed if use_changed else spec)
+        _assert_same_values(f(tree), tree)
+    assert len(traces) == 2
