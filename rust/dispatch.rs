@@ -9,13 +9,13 @@
 //! or static signature seen for the first time, a partition or comparison that raises)
 //! goes to the Python fallback, which fills the tables.
 
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple, PyType};
 
 use crate::errors::Stop;
 use crate::flatten::CallKwargs;
@@ -52,68 +52,100 @@ pub struct Dispatcher {
     /// The key of the last call found in `programs`: repeated calls with equal static
     /// parts are compared with it in place, without making a key object.
     last: Mutex<Option<Py<StaticKey>>>,
-    /// The last keyword call shape found in `plans` (see `keyword_plan`).
-    last_shape: Mutex<Option<KeywordShape>>,
+    /// The last call shape found in `plans` (see `plan_for`).
+    last_shape: Mutex<Option<Arc<CallShape>>>,
 }
 
 static METHOD_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-/// A call shape with keyword arguments, and its binding plan.
-struct KeywordShape {
-    /// `(len(args), keyword names)`, the plan table's key.
-    shape: Py<PyTuple>,
-    /// The keyword names, sorted.
-    sorted: Py<PyList>,
-    /// What `plans` held for `shape`. A plan depends only on the function's signature and
-    /// the call shape, so it stays right after the table drops or re-wraps it: a call shape
-    /// holding NNX objects is still sent to the fallback, because NNX programs are never
-    /// stored under a key a Dispatcher makes.
-    plan: Py<PyAny>,
-}
-
 /// One entry of a binding plan: where a bound argument comes from in the call.
-fn pick<'py>(
-    source: &Bound<'py, PyAny>,
-    args: &Bound<'py, PyTuple>,
-    kwargs: Option<&Bound<'py, PyDict>>,
-) -> PyResult<Option<Bound<'py, PyAny>>> {
-    if let Ok(name) = source.cast_exact::<PyString>() {
-        return match kwargs {
-            Some(kwargs) => kwargs.get_item(name),
-            None => Ok(None),
-        };
-    }
-    let index: usize = source.extract()?;
-    Ok(args.get_item(index).ok())
+enum Source {
+    /// `args[index]`.
+    Arg(usize),
+    /// `kwargs[name]`.
+    Keyword(Py<PyString>),
 }
 
-/// `(args, kwargs)` in the function's normal form (kwargs None when there are none), or
-/// None if the plan does not fit the call (the fallback then binds it and says what is
-/// wrong).
+impl Source {
+    fn parse(source: &Bound<'_, PyAny>) -> Option<Source> {
+        match source.cast_exact::<PyString>() {
+            Ok(name) => Some(Source::Keyword(name.clone().unbind())),
+            Err(_) => source.extract::<usize>().ok().map(Source::Arg),
+        }
+    }
+
+    #[inline]
+    fn pick<'py>(
+        &self,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        match self {
+            Source::Arg(index) => Ok(args.get_item(*index).ok()),
+            Source::Keyword(name) => match kwargs {
+                Some(kwargs) => kwargs.get_item(name.bind(args.py())),
+                None => Ok(None),
+            },
+        }
+    }
+}
+
+/// A call shape's binding plan, read once from the plan table's entry.
+enum Plan {
+    /// The call is already in the function's normal form.
+    Identity,
+    /// `(argument sources, (name, source) of each keyword argument)`.
+    Bind(Vec<Source>, Vec<(Py<PyString>, Source)>),
+    /// Anything else (an NNX call shape's plan): calls go to the fallback.
+    Other,
+}
+
+impl Plan {
+    fn parse(plan: &Bound<'_, PyAny>, identity: &Py<PyAny>) -> Plan {
+        if plan.is(identity) {
+            return Plan::Identity;
+        }
+        Self::parse_bind(plan).unwrap_or(Plan::Other)
+    }
+
+    fn parse_bind(plan: &Bound<'_, PyAny>) -> Option<Plan> {
+        let plan = plan.cast_exact::<PyTuple>().ok()?;
+        if plan.len() != 2 {
+            return None;
+        }
+        let arg_sources = plan.get_item(0).ok()?;
+        let kw_sources = plan.get_item(1).ok()?;
+        let args = arg_sources
+            .cast_exact::<PyTuple>()
+            .ok()?
+            .iter()
+            .map(|source| Source::parse(&source))
+            .collect::<Option<Vec<_>>>()?;
+        let mut kwargs = Vec::new();
+        for item in kw_sources.cast_exact::<PyTuple>().ok()?.iter() {
+            let item = item.cast_exact::<PyTuple>().ok()?;
+            let name = item.get_item(0).ok()?;
+            let name = name.cast_exact::<PyString>().ok()?.clone().unbind();
+            kwargs.push((name, Source::parse(&item.get_item(1).ok()?)?));
+        }
+        Some(Plan::Bind(args, kwargs))
+    }
+}
+
+/// `(args, kwargs)` in the function's normal form by a `Plan::Bind`'s sources (kwargs
+/// None when there are none), or None if the plan does not fit the call (the fallback then
+/// binds it and says what is wrong).
 #[allow(clippy::type_complexity)]
-fn apply_plan<'py>(
+fn bind_call<'py>(
     py: Python<'py>,
-    plan: &Bound<'py, PyAny>,
+    arg_sources: &[Source],
+    kw_sources: &[(Py<PyString>, Source)],
     args: &Bound<'py, PyTuple>,
     kwargs: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Option<(Vec<Bound<'py, PyAny>>, Option<Bound<'py, PyDict>>)>> {
-    let Ok(plan) = plan.cast_exact::<PyTuple>() else {
-        return Ok(None);
-    };
-    if plan.len() != 2 {
-        return Ok(None);
-    }
-    let arg_sources = plan.get_item(0)?;
-    let kw_sources = plan.get_item(1)?;
-    let (Ok(arg_sources), Ok(kw_sources)) = (
-        arg_sources.cast_exact::<PyTuple>(),
-        kw_sources.cast_exact::<PyTuple>(),
-    ) else {
-        return Ok(None);
-    };
     let mut bound_args = Vec::with_capacity(arg_sources.len());
-    for source in arg_sources.iter() {
-        match pick(&source, args, kwargs)? {
+    for source in arg_sources {
+        match source.pick(args, kwargs)? {
             Some(value) => bound_args.push(value),
             None => return Ok(None),
         }
@@ -122,17 +154,28 @@ fn apply_plan<'py>(
         None
     } else {
         let bound = PyDict::new(py);
-        for item in kw_sources.iter() {
-            let item = item.cast_exact::<PyTuple>()?;
-            let name = item.get_item(0)?;
-            match pick(&item.get_item(1)?, args, kwargs)? {
-                Some(value) => bound.set_item(name, value)?,
+        for (name, source) in kw_sources {
+            match source.pick(args, kwargs)? {
+                Some(value) => bound.set_item(name.bind(py), value)?,
                 None => return Ok(None),
             }
         }
         Some(bound)
     };
     Ok(Some((bound_args, bound_kwargs)))
+}
+
+/// The last call shape found in the plan table, and its plan.
+struct CallShape {
+    num_args: usize,
+    /// The keyword names in call order (None for a positional call), compared by identity,
+    /// and sorted.
+    names: Option<(Py<PyTuple>, Py<PyList>)>,
+    /// A plan depends only on the function's signature and the call shape, so it stays
+    /// right after the table drops or re-wraps its entry: a call shape holding NNX objects
+    /// still reaches the fallback, because NNX programs are never stored under a key a
+    /// Dispatcher makes.
+    plan: Plan,
 }
 
 impl Dispatcher {
@@ -173,53 +216,61 @@ impl Dispatcher {
         Ok(Lookup::Found(program, dynamic))
     }
 
-    /// The binding plan of a call with these keyword arguments (None if the plan table has
-    /// none yet), and their names sorted. The last ones found are reused while calls pass
-    /// the same names (the same string objects, in the same order), as repeated calls from
-    /// one call site do, without looking the table up.
-    #[allow(clippy::type_complexity)]
-    fn keyword_plan<'py>(
+    /// The call shape of a call with these arguments and its binding plan (None if the plan
+    /// table has none yet). The last one found is reused while calls have the same number
+    /// of positional arguments and the same keyword names (the same string objects, in the
+    /// same order), as repeated calls from one call site do, without looking the table up.
+    fn plan_for(
         &self,
-        py: Python<'py>,
+        py: Python<'_>,
         num_args: usize,
-        kwargs: &Bound<'py, PyDict>,
-    ) -> PyResult<Option<(Bound<'py, PyAny>, Bound<'py, PyList>)>> {
-        let last = self.last_shape.lock().ok().and_then(|guard| {
-            guard.as_ref().map(|known| {
-                (
-                    known.shape.bind(py).clone(),
-                    known.sorted.bind(py).clone(),
-                    known.plan.bind(py).clone(),
-                )
-            })
-        });
-        if let Some((shape, sorted, plan)) = last {
-            if same_shape(&shape, num_args, kwargs)? {
-                return Ok(Some((plan, sorted)));
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Option<Arc<CallShape>>> {
+        let last = self.last_shape.lock().ok().and_then(|guard| guard.clone());
+        if let Some(last) = last {
+            if last.num_args == num_args {
+                let same = match (&last.names, kwargs) {
+                    (None, None) => true,
+                    (Some((names, _)), Some(kwargs)) => same_names(names.bind(py), kwargs),
+                    _ => false,
+                };
+                if same {
+                    return Ok(Some(last));
+                }
             }
         }
-        let names = PyTuple::new(py, kwargs.keys())?;
-        let shape = PyTuple::new(
-            py,
-            [num_args.into_pyobject(py)?.into_any(), names.into_any()],
-        )?;
-        let Some(plan) = self.plans.bind(py).get_item(&shape)? else {
+        let (plan, names) = match kwargs {
+            None => (self.plans.bind(py).get_item(num_args)?, None),
+            Some(kwargs) => {
+                let names = PyTuple::new(py, kwargs.keys())?;
+                let shape = PyTuple::new(
+                    py,
+                    [
+                        num_args.into_pyobject(py)?.into_any(),
+                        names.clone().into_any(),
+                    ],
+                )?;
+                let plan = self.plans.bind(py).get_item(&shape)?;
+                let sorted = kwargs.keys();
+                sorted.sort()?;
+                (plan, Some((names.unbind(), sorted.unbind())))
+            }
+        };
+        let Some(plan) = plan else {
             return Ok(None);
         };
-        let sorted = kwargs.keys();
-        sorted.sort()?;
-        let found = KeywordShape {
-            shape: shape.unbind(),
-            sorted: sorted.clone().unbind(),
-            plan: plan.clone().unbind(),
-        };
+        let found = Arc::new(CallShape {
+            num_args,
+            names,
+            plan: Plan::parse(&plan, &self.identity_plan),
+        });
         let previous = match self.last_shape.lock() {
-            Ok(mut guard) => guard.replace(found),
+            Ok(mut guard) => guard.replace(found.clone()),
             Err(_) => None,
         };
-        // Released after the lock: freeing a plan can run Python code.
+        // Released after the lock: freeing a shape releases Python objects.
         drop(previous);
-        Ok(Some((plan, sorted)))
+        Ok(Some(found))
     }
 
     fn last_key<'py>(&self, py: Python<'py>) -> Option<Bound<'py, StaticKey>> {
@@ -260,20 +311,11 @@ enum Lookup<'py> {
     Unhashable(PyErr),
 }
 
-/// Is `shape` the `(num_args, names)` of a call with these keyword arguments, names
+/// Are `names` the keyword names of a call with these keyword arguments, in order and
 /// compared by identity?
-fn same_shape(
-    shape: &Bound<'_, PyTuple>,
-    num_args: usize,
-    kwargs: &Bound<'_, PyDict>,
-) -> PyResult<bool> {
-    if shape.get_borrowed_item(0)?.extract::<usize>()? != num_args {
-        return Ok(false);
-    }
-    let names = shape.get_borrowed_item(1)?;
-    let names = names.cast_exact::<PyTuple>()?;
+fn same_names(names: &Bound<'_, PyTuple>, kwargs: &Bound<'_, PyDict>) -> bool {
     if names.len() != kwargs.len() {
-        return Ok(false);
+        return false;
     }
     let mut position: ffi::Py_ssize_t = 0;
     let mut key: *mut ffi::PyObject = std::ptr::null_mut();
@@ -285,10 +327,10 @@ fn same_shape(
         let more =
             unsafe { ffi::PyDict_Next(kwargs.as_ptr(), &mut position, &mut key, &mut value) };
         if more == 0 || key != name.as_ptr() {
-            return Ok(false);
+            return false;
         }
     }
-    Ok(true)
+    true
 }
 
 /// Most table entries searched for the key object the table itself holds.
@@ -377,37 +419,31 @@ impl Dispatcher {
         if !self.fast {
             return fallback();
         }
-        let plans = self.plans.bind(py);
-        let (plan, sorted_keys) = match kwargs {
-            None => match plans.get_item(args.len())? {
-                Some(plan) => (plan, None),
-                None => return fallback(),
-            },
-            Some(kwargs) => match self.keyword_plan(py, args.len(), kwargs)? {
-                Some((plan, sorted)) => (plan, Some(sorted)),
-                None => return fallback(),
-            },
+        let Some(shape) = self.plan_for(py, args.len(), kwargs)? else {
+            return fallback();
         };
         // Compared with the last call's key as it is made (see `flatten::Expected`).
         let last = self.last_key(py);
         let expect = last.as_ref().map(|key| key.get());
-        let parts = if plan.is(&self.identity_plan) {
-            let kwargs = kwargs.map(|dict| CallKwargs {
-                dict,
-                sorted_keys: sorted_keys.as_ref(),
-            });
-            flatten::partition_call(py, args, kwargs, expect)
-        } else {
-            match apply_plan(py, &plan, args, kwargs)? {
-                Some((bound_args, bound_kwargs)) => {
-                    let kwargs = bound_kwargs.as_ref().map(|dict| CallKwargs {
-                        dict,
-                        sorted_keys: None,
-                    });
-                    flatten::partition_bound_call(py, &bound_args, kwargs, expect)
-                }
-                None => return fallback(),
+        let parts = match &shape.plan {
+            Plan::Identity => {
+                let sorted_keys = shape.names.as_ref().map(|(_, sorted)| sorted.bind(py));
+                let kwargs = kwargs.map(|dict| CallKwargs { dict, sorted_keys });
+                flatten::partition_call(py, args, kwargs, expect)
             }
+            Plan::Bind(arg_sources, kw_sources) => {
+                match bind_call(py, arg_sources, kw_sources, args, kwargs)? {
+                    Some((bound_args, bound_kwargs)) => {
+                        let kwargs = bound_kwargs.as_ref().map(|dict| CallKwargs {
+                            dict,
+                            sorted_keys: None,
+                        });
+                        flatten::partition_bound_call(py, &bound_args, kwargs, expect)
+                    }
+                    None => return fallback(),
+                }
+            }
+            Plan::Other => return fallback(),
         };
         let parts = match parts {
             Ok(parts) => parts,
@@ -484,11 +520,105 @@ impl Dispatcher {
                 visit.call(key)?;
             }
         }
-        if let Ok(last_shape) = self.last_shape.try_lock() {
-            if let Some(known) = last_shape.as_ref() {
-                visit.call(&known.plan)?;
-            }
-        }
+        // `last_shape` holds only ints and strings, which can't be part of a cycle.
         Ok(())
     }
+}
+
+/// `tp_call` of the classes `dispatcher_subclass` makes: `Dispatcher.__call__` with the
+/// call's own `args` tuple and `kwargs` dict, without PyO3's argument handling (which
+/// copies every keyword argument into a new dict).
+unsafe extern "C" fn call_slot(
+    slf: *mut ffi::PyObject,
+    args: *mut ffi::PyObject,
+    kwargs: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Python::attach(|py| {
+            // SAFETY: CPython calls `tp_call` with a live object of the class and a live
+            // `args` tuple, and `kwargs` either NULL or a live dict; all three are borrowed
+            // for the duration of the call, which `Borrowed` does not outlive.
+            let (slf, args, kwargs) = unsafe {
+                (
+                    Borrowed::from_ptr(py, slf),
+                    Borrowed::from_ptr(py, args),
+                    Borrowed::from_ptr_or_opt(py, kwargs),
+                )
+            };
+            let result = (|| {
+                let dispatcher = slf.cast::<Dispatcher>()?;
+                let args = args.cast::<PyTuple>()?;
+                let kwargs = match kwargs {
+                    Some(kwargs) => Some(kwargs.cast::<PyDict>()?.to_owned()),
+                    None => None,
+                };
+                dispatcher
+                    .get()
+                    .__call__(py, &args.to_owned(), kwargs.as_ref())
+            })();
+            match result {
+                Ok(out) => out.into_ptr(),
+                Err(err) => {
+                    err.restore(py);
+                    std::ptr::null_mut()
+                }
+            }
+        })
+    }));
+    match called {
+        Ok(out) => out,
+        Err(_) => Python::attach(|py| {
+            PyRuntimeError::new_err("filterjax: the native Dispatcher panicked").restore(py);
+            std::ptr::null_mut()
+        }),
+    }
+}
+
+/// A subclass of `bases` (which include `Dispatcher`) whose calls enter the Dispatcher
+/// directly (see `call_slot`), made like `type("_DispatcherSubclass", bases,
+/// {"__slots__": ()})`: the same layout, MRO and `__init_subclass__` call.
+#[pyfunction]
+pub fn dispatcher_subclass<'py>(
+    py: Python<'py>,
+    bases: &Bound<'py, PyTuple>,
+) -> PyResult<Bound<'py, PyType>> {
+    let dispatcher = py.get_type::<Dispatcher>();
+    let mut derives = false;
+    for base in bases.iter() {
+        let base = base.cast_into::<PyType>()?;
+        derives |= base.is_subclass(&dispatcher)?;
+    }
+    if !derives {
+        return Err(PyTypeError::new_err(
+            "dispatcher_subclass: one of the bases must be a subclass of Dispatcher",
+        ));
+    }
+    let mut slots = [
+        ffi::PyType_Slot {
+            slot: ffi::Py_tp_call,
+            pfunc: call_slot as *mut std::ffi::c_void,
+        },
+        ffi::PyType_Slot {
+            slot: 0,
+            pfunc: std::ptr::null_mut(),
+        },
+    ];
+    let mut spec = ffi::PyType_Spec {
+        name: c"filterjax._native._DispatcherSubclass".as_ptr(),
+        // Zero: the instance layout is the bases' (no new slots, like `__slots__ = ()`).
+        basicsize: 0,
+        itemsize: 0,
+        flags: (ffi::Py_TPFLAGS_DEFAULT | ffi::Py_TPFLAGS_BASETYPE) as std::ffi::c_uint,
+        slots: slots.as_mut_ptr(),
+    };
+    // SAFETY: `spec` and `slots` are valid for the call, which copies what it keeps (the
+    // name is a static string); `bases` is a live tuple of types. The result is a new
+    // reference to a type, or NULL with an exception set.
+    let made = unsafe {
+        Bound::from_owned_ptr_or_err(py, ffi::PyType_FromSpecWithBases(&mut spec, bases.as_ptr()))?
+    };
+    let made = made.cast_into::<PyType>()?;
+    // What `type.__new__` does last: the nearest base's `__init_subclass__`, for the class.
+    made.call_method0(pyo3::intern!(py, "__init_subclass__"))?;
+    Ok(made)
 }

@@ -86,6 +86,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(is_array, m)?)?;
     m.add_function(wrap_pyfunction!(flatten_split, m)?)?;
     m.add_function(wrap_pyfunction!(rebuild_tree, m)?)?;
+    m.add_function(wrap_pyfunction!(dispatch::dispatcher_subclass, m)?)?;
     filters::register(m)?;
     Ok(())
 }

@@ -333,3 +333,25 @@ def test_a_call_differing_anywhere_from_the_last_runs_its_own_program(pair, orde
         tree = helpers.build(changed if use_changed else spec)
         _assert_same_values(f(tree), tree)
     assert len(traces) == 2
+
+
+def test_the_wrapper_class_is_called_straight_into_the_dispatcher():
+    wrapper = fj.filter_jit(lambda x, *, scale: x * scale)
+    cls = type(wrapper)
+    assert cls.__name__ == cls.__qualname__ == "_JitWrapper"
+    assert cls.__module__ == "filterjax._jit"
+    assert issubclass(cls, fj._backend.Dispatcher)
+    # Made like a class statement: registered as a PyTree by Wrapper.__init_subclass__.
+    leaves, treedef = jax.tree_util.tree_flatten(wrapper)
+    assert wrapper not in leaves
+    assert jax.tree_util.tree_unflatten(treedef, leaves)(jnp.ones(2), scale=2.0).shape == (2,)
+    kwargs = {"scale": 3.0}
+    x = jnp.arange(3.0)
+    for _ in range(3):
+        np.testing.assert_allclose(np.asarray(wrapper(x, **kwargs)), np.asarray(x) * 3)
+    assert kwargs == {"scale": 3.0}
+
+
+def test_dispatcher_subclass_needs_a_dispatcher_base():
+    with pytest.raises(TypeError, match="Dispatcher"):
+        fj._backend._core.dispatcher_subclass((object,))

@@ -393,18 +393,14 @@ def _wrapper_class(core: Any) -> type:
     """The wrapper type for a core: `_JitWrapperBase` on that core's `Dispatcher`."""
     cls = _wrapper_classes.get(core.BACKEND)
     if cls is None:
-        cls = type(
-            "_JitWrapper",
-            (_JitWrapperBase, core.Dispatcher),
-            {
-                "__slots__": (),
-                "__module__": __name__,
-                # The Dispatcher's own construction and binding (a plain method: C-level,
-                # no Python frame per call), not the generic Wrapper's.
-                "__init__": core.Dispatcher.__init__,
-                "__get__": core.Dispatcher.__get__,
-            },
-        )
+        # Called straight into the core's Dispatcher, arguments as given.
+        cls = core.dispatcher_subclass((_JitWrapperBase, core.Dispatcher))
+        cls.__name__ = cls.__qualname__ = "_JitWrapper"
+        cls.__module__ = __name__
+        # The Dispatcher's own construction and binding (a plain method: C-level, no
+        # Python frame per call), not the generic Wrapper's.
+        cls.__init__ = core.Dispatcher.__init__
+        cls.__get__ = core.Dispatcher.__get__
         _wrapper_classes[core.BACKEND] = cls
     return cls
 

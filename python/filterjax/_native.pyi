@@ -15,6 +15,7 @@ __all__ = [
     "is_array",
     "flatten_split",
     "rebuild",
+    "dispatcher_subclass",
     "register_array_predicate",
     "tree_apply_updates",
     "tree_combine",
@@ -162,6 +163,11 @@ class Dispatcher:
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any: ...
     def __get__(self, instance: Any, owner: type | None = None, /) -> Any: ...
+
+def dispatcher_subclass(bases: tuple[type, ...]) -> type:
+    """A subclass of `bases` (which include `Dispatcher`), made like `type(
+    "_DispatcherSubclass", bases, {"__slots__": ()})`, whose calls enter the Dispatcher
+    with the call's own arguments (no argument handling before it)."""
 
 def tree_partition(
     pytree: Any,

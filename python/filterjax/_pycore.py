@@ -39,6 +39,7 @@ __all__ = [
     "tree_filter",
     "tree_combine",
     "tree_apply_updates",
+    "dispatcher_subclass",
     "register_array_predicate",
 ]
 
@@ -434,6 +435,15 @@ class Dispatcher:
 # The public layer's array predicate (`filterjax.is_array`), registered by it at import
 # through `register_array_predicate`: the core imports nothing from the public layer.
 _public_is_array: Any = None
+
+
+def dispatcher_subclass(bases: tuple[type, ...]) -> type:
+    """A subclass of `bases` (which include `Dispatcher`) that is called as the Dispatcher
+    is: `type("_DispatcherSubclass", bases, {"__slots__": ()})`. The native core's class
+    enters its Dispatcher without handling the call's arguments in Python or Rust first."""
+    if not any(issubclass(base, Dispatcher) for base in bases):
+        raise TypeError("dispatcher_subclass: one of the bases must be a subclass of Dispatcher")
+    return type("_DispatcherSubclass", bases, {"__slots__": ()})
 
 
 def register_array_predicate(predicate: Callable[[Any], bool]) -> None:
