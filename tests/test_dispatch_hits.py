@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import filterjax as fj
-
-import helpers
 
 
 class Counted:
@@ -306,11 +305,11 @@ def _assert_same_values(out, tree):
     out_leaves, out_def = jax.tree_util.tree_flatten(out, is_leaf=none_leaf)
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=none_leaf)
     assert out_def == treedef
-    for got, given in zip(out_leaves, leaves, strict=True):
-        if fj.is_array(given):
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(given))
+    for got, expected in zip(out_leaves, leaves, strict=True):
+        if fj.is_array(expected):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
         else:
-            assert type(got) is type(given) and got == given
+            assert type(got) is type(expected) and got == expected
 
 
 @settings(max_examples=60, deadline=None)
