@@ -155,10 +155,6 @@ pub(crate) struct Flattener<'a, 'py> {
     /// successful flatten, so a flatten error found later must win over this one. The
     /// failing leaf's index is `mask.len()`: nothing more is classified after it.
     pub(crate) pending: Option<PyErr>,
-    /// The `register_dataclass` type last opened and its fields: a model's layers are
-    /// usually of one type, found here without a look-up. (A type's registration cannot
-    /// change once made, so this stays right for the whole flatten.)
-    last_dataclass: Option<(Bound<'py, PyType>, Bound<'py, DataclassFields>)>,
     /// The walk's stack of open nodes, kept between runs.
     stack: Vec<Open<'py>>,
 }
@@ -204,7 +200,6 @@ impl<'a, 'py> Flattener<'a, 'py> {
             statics,
             mask,
             pending: None,
-            last_dataclass: None,
             stack: Vec::new(),
         }
     }
@@ -251,8 +246,10 @@ impl<'a, 'py> Flattener<'a, 'py> {
         tree: &Bound<'py, PyAny>,
         depth: usize,
     ) -> Result<(), Stop> {
-        self.visit(stack, tree.clone(), depth)?;
-        self.walk_stack(stack, depth)
+        match self.visit(tree.clone(), depth)? {
+            Some(open) => self.walk_open(stack, open, depth),
+            None => Ok(()),
+        }
     }
 
     /// The rest of `walk` once its root is open.
@@ -263,16 +260,13 @@ impl<'a, 'py> Flattener<'a, 'py> {
         depth: usize,
     ) -> Result<(), Stop> {
         stack.push(root);
-        self.walk_stack(stack, depth)
-    }
-
-    /// Flatten the open nodes on `stack` (the outermost at `depth`) and their children.
-    fn walk_stack(&mut self, stack: &mut Vec<Open<'py>>, depth: usize) -> Result<(), Stop> {
         while let Some(top) = stack.last_mut() {
             match top.next_child()? {
                 Some(child) => {
                     let depth = depth + stack.len();
-                    self.visit(stack, child, depth)?;
+                    if let Some(open) = self.visit(child, depth)? {
+                        stack.push(open);
+                    }
                 }
                 None => {
                     if let Some(done) = stack.pop() {
@@ -310,21 +304,16 @@ impl<'a, 'py> Flattener<'a, 'py> {
     /// Classify one node at `depth`. Leaves and `None` are recorded at once; a container
     /// is returned open, to have its children walked.
     #[inline]
-    fn visit(
-        &mut self,
-        stack: &mut Vec<Open<'py>>,
-        obj: Bound<'py, PyAny>,
-        depth: usize,
-    ) -> Result<(), Stop> {
+    fn visit(&mut self, obj: Bound<'py, PyAny>, depth: usize) -> Result<Option<Open<'py>>, Stop> {
         let py = self.py;
         if self.none_is_leaf && obj.is_none() {
             self.leaf(obj);
-            return Ok(());
+            return Ok(None);
         }
         if let Some(is_leaf) = self.is_leaf {
             if self.asks_leaf(is_leaf, &obj)? {
                 self.leaf(obj);
-                return Ok(());
+                return Ok(None);
             }
         }
         if depth >= self.limit {
@@ -337,64 +326,44 @@ impl<'a, 'py> Flattener<'a, 'py> {
             || classify::is_builtin_scalar(py, ty)
         {
             self.leaf(obj);
-            return Ok(());
+            return Ok(None);
         }
         if obj.is_none() {
             self.nodes.push(Node::None);
-            return Ok(());
+            return Ok(None);
         }
         if ty == PyTuple::type_object_raw(py) {
             let tuple = obj.cast_into::<PyTuple>().map_err(PyErr::from)?;
             let len = tuple.len();
-            stack.push(Open::new(Children::Tuple(tuple), len, Finish::Tuple));
-            return Ok(());
+            return Ok(Some(Open::new(Children::Tuple(tuple), len, Finish::Tuple)));
         }
         if ty == PyList::type_object_raw(py) {
             let list = obj.cast_into::<PyList>().map_err(PyErr::from)?;
             let len = list.len();
-            stack.push(Open::new(Children::List(list), len, Finish::List));
-            return Ok(());
+            return Ok(Some(Open::new(Children::List(list), len, Finish::List)));
         }
         if ty == PyDict::type_object_raw(py) {
-            stack.push(self.open_dict(&obj)?);
-            return Ok(());
+            return self.open_dict(&obj).map(Some);
         }
         if ty == g.ordered_dict.as_ptr().cast() {
-            stack.push(self.open_ordered_dict(&obj)?);
-            return Ok(());
+            return self.open_ordered_dict(&obj).map(Some);
         }
         if ty == g.default_dict.as_ptr().cast() {
-            stack.push(self.open_default_dict(&obj)?);
-            return Ok(());
+            return self.open_default_dict(&obj).map(Some);
         }
-        if let Some((kind, fields)) = &self.last_dataclass {
-            if ty == kind.as_type_ptr() {
-                let (kind, fields) = (kind.clone(), fields.clone());
-                stack.push(self.open_dataclass(obj, kind, fields)?);
-                return Ok(());
-            }
-        }
-        self.visit_other(stack, obj)
+        self.visit_other(obj)
     }
 
     /// Registered custom nodes, namedtuples and leaves of other types.
     #[inline(never)]
-    fn visit_other(
-        &mut self,
-        stack: &mut Vec<Open<'py>>,
-        obj: Bound<'py, PyAny>,
-    ) -> Result<(), Stop> {
+    fn visit_other(&mut self, obj: Bound<'py, PyAny>) -> Result<Option<Open<'py>>, Stop> {
         let py = self.py;
         let kind = obj.get_type();
         let registry = self.g.registry.bind(py);
         let known = self.node_kinds(registry)?;
         let registered = match known.get_item(&kind)? {
             Some(answer) => match answer.cast_into::<DataclassFields>() {
-                Ok(fields) => {
-                    self.last_dataclass = Some((kind.clone(), fields.clone()));
-                    stack.push(self.open_dataclass(obj, kind, fields)?);
-                    return Ok(());
-                }
+                Ok(fields) => return self.open_dataclass(obj, kind, fields).map(Some),
                 Err(answer) => answer.into_inner().is_truthy()?,
             },
             None => {
@@ -407,30 +376,27 @@ impl<'a, 'py> Flattener<'a, 'py> {
                 };
                 known.set_item(&kind, &answer)?;
                 if let Ok(fields) = answer.cast_into::<DataclassFields>() {
-                    stack.push(self.open_dataclass(obj, kind, fields)?);
-                    return Ok(());
+                    return self.open_dataclass(obj, kind, fields).map(Some);
                 }
                 registry.contains(&kind)?
             }
         };
         if registered {
             if let Some(entry) = registry.get_item(&kind)? {
-                stack.push(self.open_custom(&obj, kind, &entry)?);
-                return Ok(());
+                return self.open_custom(&obj, kind, &entry).map(Some);
             }
         }
         if obj.is_instance_of::<PyTuple>() && has_fields(&obj) {
             let tuple = obj.cast_into::<PyTuple>().map_err(PyErr::from)?;
             let len = tuple.len();
-            stack.push(Open::new(
+            return Ok(Some(Open::new(
                 Children::Tuple(tuple),
                 len,
                 Finish::NamedTuple(kind),
-            ));
-            return Ok(());
+            )));
         }
         self.leaf(obj);
-        Ok(())
+        Ok(None)
     }
 
     /// The cache of what types are (see `Globals::node_kinds`), emptied first if the
