@@ -11,6 +11,7 @@
 
 use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 
 /// The fields of a dataclass node type, in jax's order.
@@ -20,6 +21,21 @@ pub struct DataclassFields {
     data: Vec<Py<PyString>>,
     /// Names of the fields that make up the node data (a tuple, in this order).
     meta: Vec<Py<PyString>>,
+    /// How to rebuild the node without calling its type, if that gives the same object
+    /// (`filterjax._dataclass_init` decides, once per type): every field, in the order
+    /// its `__init__` assigns them.
+    direct: Option<Box<[Assign]>>,
+}
+
+/// One attribute the direct rebuild sets.
+struct Assign {
+    name: Py<PyString>,
+    /// The value is `meta[index]` if true, else the `index`-th child.
+    is_meta: bool,
+    index: usize,
+    /// A field with a default factory: `__init__` calls the factory when given this marker
+    /// object, so a node holding it is rebuilt by calling the type.
+    marker: Option<Py<PyAny>>,
 }
 
 impl DataclassFields {
@@ -62,17 +78,27 @@ impl DataclassFields {
         Ok(tuple)
     }
 
-    /// `kind(**{meta fields: meta, data fields: children})`, as jaxlib rebuilds the node.
+    /// The node, as jaxlib rebuilds it: `kind(**{meta fields: meta, data fields:
+    /// children})`, or the same object built directly where that is identical.
     pub fn build<'py>(
         &self,
-        kind: &Bound<'py, PyAny>,
+        kind: &Bound<'py, PyType>,
         meta: &Bound<'py, PyAny>,
-        children: impl Iterator<Item = Bound<'py, PyAny>>,
+        children: &[Bound<'py, PyAny>],
     ) -> PyResult<Bound<'py, PyAny>> {
+        let meta = if self.meta.is_empty() {
+            None
+        } else {
+            Some(meta.cast::<PyTuple>()?)
+        };
+        if let Some(plan) = &self.direct {
+            if let Some(built) = build_direct(plan, kind, meta, children)? {
+                return Ok(built);
+            }
+        }
         let py = kind.py();
         let kwargs = PyDict::new(py);
-        if !self.meta.is_empty() {
-            let meta = meta.cast::<PyTuple>()?;
+        if let Some(meta) = meta {
             for (name, value) in self.meta.iter().zip(meta.iter()) {
                 kwargs.set_item(name.bind(py), value)?;
             }
@@ -82,6 +108,82 @@ impl DataclassFields {
         }
         kind.call((), Some(&kwargs))
     }
+}
+
+/// `object.__new__(kind)` then the generic assignment of every field in `plan`, which is
+/// what `kind(**fields)` does for the types `plan` is made for (see
+/// `filterjax._dataclass_init`). None if a value is a default-factory marker, or the node
+/// data or children are not as flattened: the caller calls the type.
+fn build_direct<'py>(
+    plan: &[Assign],
+    kind: &Bound<'py, PyType>,
+    meta: Option<&Bound<'py, PyTuple>>,
+    children: &[Bound<'py, PyAny>],
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = kind.py();
+    let meta_len = meta.map_or(0, |m| m.len());
+    let value = |assign: &Assign| -> PyResult<Option<Bound<'py, PyAny>>> {
+        Ok(match (assign.is_meta, meta) {
+            (true, Some(m)) if assign.index < meta_len => Some(m.get_item(assign.index)?),
+            (true, _) => None,
+            (false, _) => children.get(assign.index).cloned(),
+        })
+    };
+    for assign in plan {
+        match value(assign)? {
+            None => return Ok(None),
+            Some(v) if assign.marker.as_ref().is_some_and(|m| v.is(m)) => return Ok(None),
+            Some(_) => {}
+        }
+    }
+    let new = object_new(py)?;
+    // SAFETY: `new` is `object.__new__`'s `tp_new`, called as `type.__call__` calls it:
+    // with the type, an argument tuple and no keywords. It returns a new reference or
+    // NULL with an exception set, which `from_owned_ptr_or_err` turns into an error.
+    let obj = unsafe {
+        let args = PyTuple::empty(py);
+        Bound::from_owned_ptr_or_err(
+            py,
+            new(kind.as_type_ptr(), args.as_ptr(), std::ptr::null_mut()),
+        )?
+    };
+    for assign in plan {
+        let Some(v) = value(assign)? else {
+            return Ok(None);
+        };
+        // SAFETY: three valid object pointers, borrowed for the call; the setter takes its
+        // own reference to the value. -1 means an exception is set.
+        let status =
+            unsafe { ffi::PyObject_GenericSetAttr(obj.as_ptr(), assign.name.as_ptr(), v.as_ptr()) };
+        if status < 0 {
+            return Err(PyErr::fetch(py));
+        }
+    }
+    Ok(Some(obj))
+}
+
+/// `object.__new__`'s C function (`PyBaseObject_Type.tp_new`).
+fn object_new(py: Python<'_>) -> PyResult<ffi::newfunc> {
+    static NEW: PyOnceLock<usize> = PyOnceLock::new();
+    let address = *NEW.get_or_try_init(py, || {
+        // SAFETY: `PyBaseObject_Type` is a static type object that lives as long as the
+        // interpreter; `PyType_GetSlot` only reads its `tp_new` slot.
+        let slot = unsafe {
+            ffi::PyType_GetSlot(
+                std::ptr::addr_of_mut!(ffi::PyBaseObject_Type),
+                ffi::Py_tp_new,
+            )
+        };
+        if slot.is_null() {
+            Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "filterjax: object has no tp_new",
+            ))
+        } else {
+            Ok(slot as usize)
+        }
+    })?;
+    // SAFETY: the address was read from the `tp_new` slot, whose type is `newfunc`.
+    Ok(unsafe { std::mem::transmute::<usize, ffi::newfunc>(address) })
 }
 
 /// The fields of `kind` if its registry entry is `register_dataclass`'s and they can be
@@ -183,5 +285,43 @@ fn read_fields(
     if !same(&data, &data_again) || !same(&meta, &meta_again) {
         return Ok(None);
     }
-    Ok(Some(DataclassFields { data, meta }))
+    // Whatever goes wrong deciding keeps the call.
+    let direct = direct_plan(kind, &data, &meta).ok().flatten();
+    Ok(Some(DataclassFields { data, meta, direct }))
+}
+
+/// `filterjax._dataclass_init.direct_fields` for `kind`, read into a plan.
+fn direct_plan(
+    kind: &Bound<'_, PyType>,
+    data: &[Py<PyString>],
+    meta: &[Py<PyString>],
+) -> PyResult<Option<Box<[Assign]>>> {
+    let py = kind.py();
+    let answer = py
+        .import("filterjax._dataclass_init")?
+        .getattr("direct_fields")?
+        .call1((
+            kind,
+            PyTuple::new(py, data.iter().map(|n| n.bind(py)))?,
+            PyTuple::new(py, meta.iter().map(|n| n.bind(py)))?,
+        ))?;
+    if answer.is_none() {
+        return Ok(None);
+    }
+    let mut plan = Vec::new();
+    for entry in answer.cast::<PyTuple>()?.iter() {
+        let (name, is_meta, index, marker): (Bound<'_, PyString>, bool, usize, Bound<'_, PyAny>) =
+            entry.extract()?;
+        let bound = if is_meta { meta.len() } else { data.len() };
+        if index >= bound {
+            return Ok(None);
+        }
+        plan.push(Assign {
+            name: PyString::intern(py, &name.to_cow()?).unbind(),
+            is_meta,
+            index,
+            marker: (!marker.is_none()).then(|| marker.unbind()),
+        });
+    }
+    Ok(Some(plan.into_boxed_slice()))
 }

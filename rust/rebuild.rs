@@ -157,9 +157,12 @@ pub(crate) fn unflatten<'py>(
                 let from_iter = from_iter.bind(py);
                 if let Ok(fields) = from_iter.cast_exact::<DataclassFields>() {
                     let start = agenda.len() - arity;
-                    fields
-                        .get()
-                        .build(kind.bind(py), aux.bind(py), agenda.drain(start..))?
+                    let built =
+                        fields
+                            .get()
+                            .build(kind.bind(py), aux.bind(py), &agenda[start..])?;
+                    agenda.truncate(start);
+                    built
                 } else {
                     let children = children_tuple(py, &mut agenda, *arity)?;
                     from_iter.call1((aux.bind(py), children))?

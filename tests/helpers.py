@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections import OrderedDict, defaultdict, namedtuple
+from collections import Counter, OrderedDict, defaultdict, namedtuple
 from typing import Any
 
 import equinox as eqx
@@ -107,6 +107,142 @@ class DCData:
 
     p: Any
     q: Any
+
+
+# --------------------------------------------------------------------------------------------
+# `register_dataclass` variants: how their rebuild must match `type(**fields)`
+# --------------------------------------------------------------------------------------------
+
+# What a variant's own methods record: (variant special, event) -> calls.
+DATACLASS_EVENTS: Counter = Counter()
+
+# What each variant adds to a plain dataclass. Only "plain" may be rebuilt without calling
+# the type; the others must see their method run exactly as `type(**fields)` runs it.
+DATACLASS_SPECIALS = (
+    "plain",
+    "post_init",  # records that it ran
+    "post_init_transform",  # rewrites a meta field
+    "user_init",  # a user-written __init__
+    "setattr",  # a class with its own __setattr__ (never frozen)
+    "initvar",  # an InitVar (with a default) passed on to __post_init__
+    "init_false",  # a field with init=False (registered explicitly, without it)
+    "new",  # a class with its own __new__
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataclassVariant:
+    frozen: bool = False
+    slots: bool = False
+    kw_only: bool = False
+    defaults: bool = False  # the last two fields have a default / default factory
+    meta_first: bool = False  # field order: n, tag, w, b (else w, n, b, tag)
+    inherit: bool = False  # the first two fields in a dataclass base
+    special: str = "plain"
+    auto: bool = True  # register_dataclass finds the fields itself (static metadata)
+
+    def normalized(self) -> DataclassVariant:
+        """The variant as built: a class with `__setattr__` cannot be frozen, and a field
+        with init=False can only be registered by naming the others."""
+        changes: dict[str, Any] = {}
+        if self.special == "setattr":
+            changes["frozen"] = False
+        if self.special == "init_false":
+            changes["auto"] = False
+        return dataclasses.replace(self, **changes)
+
+
+def _variant_field(name: str, with_default: bool):
+    static = {"static": True} if name in ("n", "tag") else {}
+    if not with_default:
+        return dataclasses.field(metadata=static)
+    if name == "b":
+        return dataclasses.field(default_factory=list, metadata=static)
+    default = {"w": None, "n": 0, "tag": "t"}[name]
+    return dataclasses.field(default=default, metadata=static)
+
+
+def _variant_namespace(special: str) -> dict:
+    count = DATACLASS_EVENTS
+
+    def post_init(self, *initvars):
+        count[special, "post_init"] += 1
+        if special == "post_init_transform" and self.tag != self.tag.upper():
+            # Once upper case, kept as the same object: rebuilt nodes hold the same tag.
+            object.__setattr__(self, "tag", self.tag.upper())
+
+    def init(self, **fields):
+        count[special, "init"] += 1
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def setattr_(self, name, value):
+        count[special, "setattr"] += 1
+        object.__setattr__(self, name, value)
+
+    def new(cls, *args, **kwargs):
+        count[special, "new"] += 1
+        return object.__new__(cls)
+
+    return {
+        "post_init": {"__post_init__": post_init},
+        "post_init_transform": {"__post_init__": post_init},
+        "initvar": {"__post_init__": post_init},
+        "user_init": {"__init__": init},
+        "setattr": {"__setattr__": setattr_},
+        "new": {"__new__": new},
+    }.get(special, {})
+
+
+_VARIANT_CLASSES: dict[DataclassVariant, type] = {}
+
+
+def dataclass_variant(variant: DataclassVariant) -> type:
+    """The registered dataclass for `variant` (made once): data fields `w`, `b` and meta
+    fields `n` (int), `tag` (str), as `variant` orders and decorates them."""
+    variant = variant.normalized()
+    if variant in _VARIANT_CLASSES:
+        return _VARIANT_CLASSES[variant]
+    order = ["n", "tag", "w", "b"] if variant.meta_first else ["w", "n", "b", "tag"]
+    specs = [
+        (name, Any, _variant_field(name, variant.defaults and i >= 2))
+        for i, name in enumerate(order)
+    ]
+    extra = []
+    if variant.special == "initvar":
+        extra.append(("scale", dataclasses.InitVar[int], dataclasses.field(default=1)))
+    if variant.special == "init_false":
+        extra.append(("extra", int, dataclasses.field(default=7, init=False)))
+    options = {"frozen": variant.frozen, "slots": variant.slots, "kw_only": variant.kw_only}
+    name = f"DCV_{abs(hash(variant)):x}"
+    namespace = _variant_namespace(variant.special)
+    if variant.inherit:
+        base = dataclasses.make_dataclass(name + "Base", specs[:2], **options)
+        kind = dataclasses.make_dataclass(
+            name, specs[2:] + extra, bases=(base,), namespace=namespace, **options
+        )
+    else:
+        kind = dataclasses.make_dataclass(name, specs + extra, namespace=namespace, **options)
+    if variant.auto:
+        jtu.register_dataclass(kind)
+    else:
+        # Names in an order of their own: the rebuild must not depend on it.
+        jtu.register_dataclass(kind, data_fields=["b", "w"], meta_fields=["tag", "n"])
+    _VARIANT_CLASSES[variant] = kind
+    return kind
+
+
+dataclass_variants = st.builds(
+    DataclassVariant,
+    frozen=st.booleans(),
+    slots=st.booleans(),
+    kw_only=st.booleans(),
+    defaults=st.booleans(),
+    meta_first=st.booleans(),
+    inherit=st.booleans(),
+    special=st.sampled_from(DATACLASS_SPECIALS),
+    auto=st.booleans(),
+).map(DataclassVariant.normalized)
 
 
 class EqxNode(eqx.Module):

@@ -31,9 +31,10 @@ _RUST = Path(__file__).parent.parent / "rust"
 _MODULES = sorted(path.stem for path in _PACKAGE.glob("*.py"))
 _KNOWN = {*_MODULES, "_native"}  # the native core is an extension module
 
-# Modules the cores may use: error messages and diagnosis, argument plans. Everything else
-# is the public layer (transforms, filtering helpers, caches, ...).
-_CORE_SIDE = {"_pycore", "_diagnose", "_errors", "_plans"}
+# Modules the cores may use: error messages and diagnosis, argument plans, how dataclass
+# nodes are rebuilt. Everything else is the public layer (transforms, filtering helpers,
+# caches, ...).
+_CORE_SIDE = {"_pycore", "_diagnose", "_errors", "_plans", "_dataclass_init"}
 # One module per transform family; each may import the shared plumbing, never another.
 _TRANSFORMS = {
     "_ad",

@@ -6,6 +6,7 @@ module, runs the operation 10,000 times, and checks that every count is back whe
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 
@@ -134,6 +135,34 @@ def test_rebuild_success():
     assert_refcounts_stable(lambda: _native.rebuild(key, dynamic), objects)
     assert_refcounts_stable(lambda: _native.rebuild(key, as_tuple, nones), objects)
     assert_refcounts_stable(lambda: _native.rebuild(key, [None] * key.num_dynamic), objects)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Slotted:
+    a: object
+    tag: object = dataclasses.field(metadata={"static": True})
+
+
+@dataclasses.dataclass
+class Plain:
+    a: object
+    b: object
+    tag: object = dataclasses.field(metadata={"static": True})
+
+
+jtu.register_dataclass(Slotted)
+jtu.register_dataclass(Plain)
+
+
+def test_dataclass_rebuilt_without_calling_the_type():
+    arrays = [np.ones(2) * i for i in range(3)]
+    tags = [Tag("p"), Tag("s")]
+    tree = Plain(arrays[0], Slotted(arrays[1], tags[1]), tags[0])
+    dynamic, key = _native.flatten_split(tree)
+    objects = [dynamic, key, Plain, Slotted, *arrays, *tags]
+    assert_refcounts_stable(lambda: _native.rebuild(key, dynamic), objects)
+    assert_refcounts_stable(lambda: _native.tree_combine((tree,)), objects)
+    assert_refcounts_stable(lambda: _native.tree_partition(tree, True), objects)
 
 
 def test_unhashable_static():

@@ -329,6 +329,11 @@ def rebuild(key: StaticKey, dynamic: Sequence[Any], statics: Sequence[Any] | Non
 
     `statics`, if given, replaces the key's static leaves (e.g. `[None] * key.num_static`
     to keep only the dynamic part).
+
+    Trees are rebuilt by jax's `unflatten`, which calls a `register_dataclass` node's type
+    with its fields. The native core builds plain dataclasses without that call where it
+    gives the same object (`filterjax._dataclass_init`), so both cores return equal trees
+    and run `__post_init__`, a user-written `__init__` or `__setattr__` alike.
     """
     if type(key) is not StaticKey:
         raise TypeError(f"rebuild expects a StaticKey, got {type(key).__name__}")
