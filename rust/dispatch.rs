@@ -9,7 +9,7 @@
 //! or static signature seen for the first time, a partition or comparison that raises)
 //! goes to the Python fallback, which fills the tables.
 
-use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError};
+use pyo3::exceptions::{PyException, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -54,6 +54,8 @@ pub struct Dispatcher {
     last: Mutex<Option<Py<StaticKey>>>,
     /// The last call shape found in `plans` (see `plan_for`).
     last_shape: Mutex<Option<Arc<CallShape>>>,
+    /// The list the last program was called with, emptied to `None`s (see `leaf_list`).
+    spare_list: Mutex<Option<Py<PyList>>>,
 }
 
 static METHOD_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -195,7 +197,7 @@ impl Dispatcher {
     ) -> PyResult<Lookup<'py>> {
         let programs = self.programs.bind(py);
         if let (true, Some(last)) = (parts.matched, last) {
-            let dynamic = parts.take_dynamic(py)?;
+            let dynamic = self.leaf_list(py, &mut parts.dynamic)?;
             parts.recycle();
             return Ok(match programs.get_item(last)? {
                 Some(program) => Lookup::Found(program, dynamic),
@@ -273,6 +275,151 @@ impl Dispatcher {
         Ok(Some(found))
     }
 
+    /// A call of the wrapped function (see the module's description).
+    fn call<'py>(
+        &self,
+        py: Python<'py>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        // No keyword arguments: no dict, unless the call leaves the fast path.
+        let kwargs = kwargs.filter(|k| !k.is_empty());
+        let leading = self.leading.bind(py);
+        let fallback = || {
+            let kwargs = match kwargs {
+                Some(k) => k.clone(),
+                None => PyDict::new(py),
+            };
+            self.fallback.bind(py).call1((leading, args, kwargs))
+        };
+        if !self.fast {
+            return fallback();
+        }
+        let Some(shape) = self.plan_for(py, args.len(), kwargs)? else {
+            return fallback();
+        };
+        // Compared with the last call's key as it is made (see `flatten::Expected`).
+        let last = self.last_key(py);
+        let expect = last.as_ref().map(|key| key.get());
+        let parts = match &shape.plan {
+            Plan::Identity => {
+                let sorted_keys = shape.names.as_ref().map(|(_, sorted)| sorted.bind(py));
+                let kwargs = kwargs.map(|dict| CallKwargs { dict, sorted_keys });
+                flatten::partition_call(py, args, kwargs, expect)
+            }
+            Plan::Bind(arg_sources, kw_sources) => {
+                match bind_call(py, arg_sources, kw_sources, args, kwargs)? {
+                    Some((bound_args, bound_kwargs)) => {
+                        let kwargs = bound_kwargs.as_ref().map(|dict| CallKwargs {
+                            dict,
+                            sorted_keys: None,
+                        });
+                        flatten::partition_bound_call(py, &bound_args, kwargs, expect)
+                    }
+                    None => return fallback(),
+                }
+            }
+            Plan::Other => return fallback(),
+        };
+        let parts = match parts {
+            Ok(parts) => parts,
+            // The fallback partitions again and raises the error with the call's names.
+            Err(Stop::Raised(err)) if !err.is_instance_of::<PyException>(py) => return Err(err),
+            Err(_) => return fallback(),
+        };
+        let program = match self.lookup(py, parts, last.as_ref()) {
+            Ok(Lookup::Found(program, dynamic)) => (program, dynamic),
+            // A static signature not compiled yet.
+            Ok(Lookup::Missing) => return fallback(),
+            // An unhashable static leaf, or one whose `__eq__` raised: the fallback says
+            // which leaf it was.
+            Ok(Lookup::Unhashable(err)) | Err(err) if err.is_instance_of::<PyException>(py) => {
+                return fallback()
+            }
+            Ok(Lookup::Unhashable(err)) | Err(err) => return Err(err),
+        };
+        let (program, dynamic) = program;
+        // Two flat sequences, not one positional argument per leaf: JAX flattens a list in
+        // one pass, but builds a tree structure per positional argument.
+        let called = call_program(&program, leading, &dynamic);
+        self.keep_list(dynamic);
+        let out = match called {
+            Ok(out) => out,
+            Err(err) => return Err(self.translate(py, err)),
+        };
+        if let Ok(dict) = out.cast_exact::<PyDict>() {
+            if dict.len() == 1 {
+                if let Some((spec, leaves)) = dict.iter().next() {
+                    if spec.get_type().is(&self.output_spec) {
+                        let spec_key = spec.getattr(pyo3::intern!(py, "key"))?;
+                        return rebuild::rebuild(py, &spec_key, &leaves, None);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A list of `leaves` (which it takes) to call a program with: the last call's list
+    /// refilled if it has the right length and nothing else holds it (so no one can see it
+    /// change), else a new one. A repeated call then makes no list.
+    fn leaf_list<'py>(
+        &self,
+        py: Python<'py>,
+        leaves: &mut Vec<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let spare = self
+            .spare_list
+            .lock()
+            .ok()
+            .and_then(|mut guard| guard.take());
+        if let Some(list) = spare {
+            let list = list.into_bound(py);
+            if list.len() == leaves.len() && sole_reference(&list) {
+                for (index, leaf) in leaves.drain(..).enumerate() {
+                    // SAFETY: `list` is a live list of this length that only this function
+                    // holds; `PyList_SetItem` takes the new reference and releases the
+                    // `None` it replaces (which runs no Python code).
+                    unsafe {
+                        ffi::PyList_SetItem(
+                            list.as_ptr(),
+                            index as ffi::Py_ssize_t,
+                            leaf.into_ptr(),
+                        )
+                    };
+                }
+                return Ok(list);
+            }
+        }
+        PyList::new(py, leaves.drain(..))
+    }
+
+    /// Keep the list a program was called with for the next call (`leaf_list`), its items
+    /// released, unless something else still holds it (the program kept it).
+    fn keep_list(&self, list: Bound<'_, PyList>) {
+        if !sole_reference(&list) {
+            return;
+        }
+        let py = list.py();
+        for index in 0..list.len() {
+            // SAFETY: only this function holds `list`, whose length is fixed meanwhile; a
+            // released leaf's `__del__` may run Python code, but none that can reach the
+            // list. `PyList_SetItem` takes the new reference to `None`.
+            unsafe {
+                ffi::PyList_SetItem(
+                    list.as_ptr(),
+                    index as ffi::Py_ssize_t,
+                    py.None().into_ptr(),
+                )
+            };
+        }
+        let previous = match self.spare_list.lock() {
+            Ok(mut guard) => guard.replace(list.unbind()),
+            Err(_) => None,
+        };
+        drop(previous);
+    }
+
     fn last_key<'py>(&self, py: Python<'py>) -> Option<Bound<'py, StaticKey>> {
         let guard = self.last.lock().ok()?;
         guard.as_ref().map(|k| k.bind(py).clone())
@@ -309,6 +456,67 @@ enum Lookup<'py> {
     Missing,
     /// A static leaf could not be hashed (the error `hash` raised).
     Unhashable(PyErr),
+}
+
+/// Is `obj`'s only reference the one held here?
+fn sole_reference(obj: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: reads the reference count of a live object; the GIL is held.
+    unsafe { ffi::Py_REFCNT(obj.as_ptr()) == 1 }
+}
+
+/// `program(dynamic)`, or `program(leading, dynamic)` when the wrapped function has array
+/// leaves of its own.
+fn call_program<'py>(
+    program: &Bound<'py, PyAny>,
+    leading: &Bound<'py, PyTuple>,
+    dynamic: &Bound<'py, PyList>,
+) -> PyResult<Bound<'py, PyAny>> {
+    #[cfg(not(windows))]
+    {
+        let both = [leading.as_ptr(), dynamic.as_ptr()];
+        let args = if leading.is_empty() {
+            &both[1..]
+        } else {
+            &both[..]
+        };
+        // SAFETY: `program` is a live object and `args` points to `args.len()` live
+        // objects, borrowed for the call. The result is a new reference or NULL with an
+        // exception set.
+        unsafe {
+            Bound::from_owned_ptr_or_err(
+                program.py(),
+                PyObject_Vectorcall(
+                    program.as_ptr(),
+                    args.as_ptr(),
+                    args.len(),
+                    std::ptr::null_mut(),
+                ),
+            )
+        }
+    }
+    #[cfg(windows)]
+    {
+        if leading.is_empty() {
+            program.call1((dynamic,))
+        } else {
+            program.call1((leading, dynamic))
+        }
+    }
+}
+
+#[cfg(not(windows))]
+extern "C" {
+    /// Call `callable` with arguments in an array: no tuple is made for them (and JAX's
+    /// compiled functions take their arguments this way). Exported by CPython as a function
+    /// since 3.11, the oldest Python this module supports, but in the limited API only from
+    /// 3.12, so pyo3-ffi declares it only there. On Windows an abi3 module links against
+    /// `python3.dll`, which exports only the limited API: calls there make a tuple.
+    fn PyObject_Vectorcall(
+        callable: *mut ffi::PyObject,
+        args: *const *mut ffi::PyObject,
+        nargsf: usize,
+        kwnames: *mut ffi::PyObject,
+    ) -> *mut ffi::PyObject;
 }
 
 /// Are `names` the keyword names of a call with these keyword arguments, in order and
@@ -390,6 +598,7 @@ impl Dispatcher {
             on_error: on_error.filter(|f| !f.is_none(py)),
             last: Mutex::new(None),
             last_shape: Mutex::new(None),
+            spare_list: Mutex::new(None),
         })
     }
 
@@ -406,85 +615,7 @@ impl Dispatcher {
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        // No keyword arguments: no dict, unless the call leaves the fast path.
-        let kwargs = kwargs.filter(|k| !k.is_empty());
-        let leading = self.leading.bind(py);
-        let fallback = || {
-            let kwargs = match kwargs {
-                Some(k) => k.clone(),
-                None => PyDict::new(py),
-            };
-            self.fallback.bind(py).call1((leading, args, kwargs))
-        };
-        if !self.fast {
-            return fallback();
-        }
-        let Some(shape) = self.plan_for(py, args.len(), kwargs)? else {
-            return fallback();
-        };
-        // Compared with the last call's key as it is made (see `flatten::Expected`).
-        let last = self.last_key(py);
-        let expect = last.as_ref().map(|key| key.get());
-        let parts = match &shape.plan {
-            Plan::Identity => {
-                let sorted_keys = shape.names.as_ref().map(|(_, sorted)| sorted.bind(py));
-                let kwargs = kwargs.map(|dict| CallKwargs { dict, sorted_keys });
-                flatten::partition_call(py, args, kwargs, expect)
-            }
-            Plan::Bind(arg_sources, kw_sources) => {
-                match bind_call(py, arg_sources, kw_sources, args, kwargs)? {
-                    Some((bound_args, bound_kwargs)) => {
-                        let kwargs = bound_kwargs.as_ref().map(|dict| CallKwargs {
-                            dict,
-                            sorted_keys: None,
-                        });
-                        flatten::partition_bound_call(py, &bound_args, kwargs, expect)
-                    }
-                    None => return fallback(),
-                }
-            }
-            Plan::Other => return fallback(),
-        };
-        let parts = match parts {
-            Ok(parts) => parts,
-            // The fallback partitions again and raises the error with the call's names.
-            Err(Stop::Raised(err)) if !err.is_instance_of::<PyException>(py) => return Err(err),
-            Err(_) => return fallback(),
-        };
-        let program = match self.lookup(py, parts, last.as_ref()) {
-            Ok(Lookup::Found(program, dynamic)) => (program, dynamic),
-            // A static signature not compiled yet.
-            Ok(Lookup::Missing) => return fallback(),
-            // An unhashable static leaf, or one whose `__eq__` raised: the fallback says
-            // which leaf it was.
-            Ok(Lookup::Unhashable(err)) | Err(err) if err.is_instance_of::<PyException>(py) => {
-                return fallback()
-            }
-            Ok(Lookup::Unhashable(err)) | Err(err) => return Err(err),
-        };
-        let (program, dynamic) = program;
-        // Two flat sequences, not one positional argument per leaf: JAX flattens a list in
-        // one pass, but builds a tree structure per positional argument.
-        let called = if leading.is_empty() {
-            program.call1((dynamic,))
-        } else {
-            program.call1((leading, dynamic))
-        };
-        let out = match called {
-            Ok(out) => out,
-            Err(err) => return Err(self.translate(py, err)),
-        };
-        if let Ok(dict) = out.cast_exact::<PyDict>() {
-            if dict.len() == 1 {
-                if let Some((spec, leaves)) = dict.iter().next() {
-                    if spec.get_type().is(&self.output_spec) {
-                        let spec_key = spec.getattr(pyo3::intern!(py, "key"))?;
-                        return rebuild::rebuild(py, &spec_key, &leaves, None);
-                    }
-                }
-            }
-        }
-        Ok(out)
+        self.call(py, args, kwargs)
     }
 
     fn __get__<'py>(
@@ -527,51 +658,36 @@ impl Dispatcher {
 
 /// `tp_call` of the classes `dispatcher_subclass` makes: `Dispatcher.__call__` with the
 /// call's own `args` tuple and `kwargs` dict, without PyO3's argument handling (which
-/// copies every keyword argument into a new dict).
-unsafe extern "C" fn call_slot(
+/// copies every keyword argument into a new dict). Entered through PyO3's own `tp_call`
+/// trampoline (the one its `#[pymethods] __call__` uses): it traps panics and marks the
+/// thread as attached without asking CPython for the GIL state again.
+///
+/// # Safety
+/// Called by CPython as `tp_call`: the interpreter is attached, `slf` is a live object of
+/// the class, `args` a live tuple and `kwargs` NULL or a live dict, all borrowed for the
+/// duration of the call.
+unsafe fn call_slot(
+    py: Python<'_>,
     slf: *mut ffi::PyObject,
     args: *mut ffi::PyObject,
     kwargs: *mut ffi::PyObject,
-) -> *mut ffi::PyObject {
-    let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Python::attach(|py| {
-            // SAFETY: CPython calls `tp_call` with a live object of the class and a live
-            // `args` tuple, and `kwargs` either NULL or a live dict; all three are borrowed
-            // for the duration of the call, which `Borrowed` does not outlive.
-            let (slf, args, kwargs) = unsafe {
-                (
-                    Borrowed::from_ptr(py, slf),
-                    Borrowed::from_ptr(py, args),
-                    Borrowed::from_ptr_or_opt(py, kwargs),
-                )
-            };
-            let result = (|| {
-                let dispatcher = slf.cast::<Dispatcher>()?;
-                let args = args.cast::<PyTuple>()?;
-                let kwargs = match kwargs {
-                    Some(kwargs) => Some(kwargs.cast::<PyDict>()?.to_owned()),
-                    None => None,
-                };
-                dispatcher
-                    .get()
-                    .__call__(py, &args.to_owned(), kwargs.as_ref())
-            })();
-            match result {
-                Ok(out) => out.into_ptr(),
-                Err(err) => {
-                    err.restore(py);
-                    std::ptr::null_mut()
-                }
-            }
-        })
-    }));
-    match called {
-        Ok(out) => out,
-        Err(_) => Python::attach(|py| {
-            PyRuntimeError::new_err("filterjax: the native Dispatcher panicked").restore(py);
-            std::ptr::null_mut()
-        }),
-    }
+) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: see the function's contract; `Borrowed` does not outlive the call.
+    let (slf, args, kwargs) = unsafe {
+        (
+            Borrowed::from_ptr(py, slf),
+            Borrowed::from_ptr(py, args),
+            Borrowed::from_ptr_or_opt(py, kwargs),
+        )
+    };
+    let dispatcher = slf.cast::<Dispatcher>()?;
+    let args = args.cast::<PyTuple>()?;
+    let kwargs = match kwargs {
+        Some(kwargs) => Some(kwargs.cast::<PyDict>()?),
+        None => None,
+    };
+    let out = dispatcher.get().call(py, &args, kwargs.as_deref())?;
+    Ok(out.into_ptr())
 }
 
 /// A subclass of `bases` (which include `Dispatcher`) whose calls enter the Dispatcher
@@ -596,7 +712,8 @@ pub fn dispatcher_subclass<'py>(
     let mut slots = [
         ffi::PyType_Slot {
             slot: ffi::Py_tp_call,
-            pfunc: call_slot as *mut std::ffi::c_void,
+            pfunc: pyo3::impl_::trampoline::get_trampoline_function!(ternaryfunc, call_slot)
+                as *mut std::ffi::c_void,
         },
         ffi::PyType_Slot {
             slot: 0,

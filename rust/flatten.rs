@@ -258,6 +258,24 @@ impl<'a, 'py> Flattener<'a, 'py> {
         self.nodes.push(Node::Leaf);
     }
 
+    /// `emit` of an empty dict's node, without making the node to compare: any empty
+    /// dict's node equals any other's.
+    #[inline]
+    fn emit_empty_dict(&mut self) -> PyResult<()> {
+        if let Some(expected) = &mut self.expect {
+            if let Some(Node::Dict { arity: 0, .. }) = expected.key.nodes.get(expected.matched) {
+                expected.matched += 1;
+                return Ok(());
+            }
+            self.diverge();
+        }
+        self.nodes.push(Node::Dict {
+            keys: empty_keys(self.py)?.unbind(),
+            arity: 0,
+        });
+        Ok(())
+    }
+
     /// Stop comparing: record the nodes matched so far, as copies of the key's.
     #[cold]
     #[inline(never)]
@@ -735,11 +753,6 @@ impl<'py> Parts<'py> {
         )
     }
 
-    /// The dynamic leaves, as a list, leaving the rest of the parts as they were.
-    pub fn take_dynamic(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        PyList::new(py, self.dynamic.drain(..))
-    }
-
     /// Keep these parts' buffers for the next flatten on this thread.
     pub fn recycle(mut self) {
         // Emptied before the thread-local is touched: releasing a leaf can run Python code
@@ -861,7 +874,7 @@ pub fn partition_call<'py>(
     f.expect(expect);
     // The pair is the root (depth 0); its two children sit at depth 1.
     f.run_from(args.as_any(), 1)?;
-    finish_call(py, &mut f, kwargs)?;
+    finish_call(&mut f, kwargs)?;
     Ok(f.into_parts()?)
 }
 
@@ -880,7 +893,7 @@ pub fn partition_bound_call<'py>(
         f.run_from(arg, 2)?;
     }
     f.emit(Node::Tuple(args.len()));
-    finish_call(py, &mut f, kwargs)?;
+    finish_call(&mut f, kwargs)?;
     Ok(f.into_parts()?)
 }
 
@@ -894,7 +907,6 @@ pub struct CallKwargs<'a, 'py> {
 
 /// The keyword half of a call's `(args, kwargs)` pair, then the pair itself.
 fn finish_call<'py>(
-    py: Python<'py>,
     f: &mut Flattener<'_, 'py>,
     kwargs: Option<CallKwargs<'_, 'py>>,
 ) -> Result<(), Stop> {
@@ -904,10 +916,7 @@ fn finish_call<'py>(
             sorted_keys: Some(keys),
         }) => f.run_dict_from(dict, keys, 1)?,
         Some(CallKwargs { dict, .. }) => f.run_from(dict.as_any(), 1)?,
-        None => f.emit(Node::Dict {
-            keys: empty_keys(py)?.unbind(),
-            arity: 0,
-        }),
+        None => f.emit_empty_dict()?,
     }
     f.emit(Node::Tuple(2));
     Ok(())

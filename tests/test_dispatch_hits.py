@@ -354,3 +354,43 @@ def test_the_wrapper_class_is_called_straight_into_the_dispatcher():
 def test_dispatcher_subclass_needs_a_dispatcher_base():
     with pytest.raises(TypeError, match="Dispatcher"):
         fj._backend._core.dispatcher_subclass((object,))
+
+
+def test_arguments_are_not_kept_alive_after_a_call():
+    # Repeated calls reuse the list they pass to the program; it must not hold on to the
+    # last call's arrays.
+    import weakref
+
+    _, f = _jit()
+    for _ in range(3):
+        x = np.arange(3.0)
+        alive = weakref.ref(x)
+        _check(f(x, 2), x, 2)
+        del x
+        assert alive() is None
+
+
+def test_a_program_keeping_its_arguments_sees_them_unchanged():
+    # A program that keeps the list of leaves it was called with (as a traceback or a
+    # Python-level program could) must not see later calls' leaves appear in it.
+    _, f = _jit()
+    f(jnp.arange(3.0), 2)
+    kept = []
+
+    def keep(leaves):
+        kept.append((leaves, list(leaves)))
+        return leaves[0]
+
+    programs = f._program.programs
+    compiled = dict(programs)
+    try:
+        for key in compiled:
+            programs[key] = keep
+        arrays = [jnp.full(3, float(i)) for i in range(4)]
+        for x in arrays:
+            assert f(x, 2) is x
+    finally:
+        programs.update(compiled)
+    assert len(kept) == len(arrays)
+    for (leaves, copy), x in zip(kept, arrays, strict=True):
+        assert len(leaves) == 1 and leaves[0] is x and copy[0] is x
