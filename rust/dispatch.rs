@@ -20,7 +20,7 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple, PyType};
 use crate::errors::Stop;
 use crate::flatten::CallKwargs;
 use crate::key::StaticKey;
-use crate::{flatten, rebuild, Truthy};
+use crate::{classify, flatten, rebuild, Truthy};
 
 /// The per-call path of a `filter_jit` function.
 ///
@@ -298,8 +298,13 @@ impl Dispatcher {
         let Some(shape) = self.plan_for(py, args.len(), kwargs)? else {
             return fallback();
         };
-        // Compared with the last call's key as it is made (see `flatten::Expected`).
         let last = self.last_key(py);
+        if let (Plan::Identity, None, Some(last)) = (&shape.plan, kwargs, &last) {
+            if let Some(out) = self.call_shallow(py, last, args.iter_borrowed(), leading) {
+                return out;
+            }
+        }
+        // Compared with the last call's key as it is made (see `flatten::Expected`).
         let expect = last.as_ref().map(|key| key.get());
         let parts = match &shape.plan {
             Plan::Identity => {
@@ -310,6 +315,12 @@ impl Dispatcher {
             Plan::Bind(arg_sources, kw_sources) => {
                 match bind_call(py, arg_sources, kw_sources, args, kwargs)? {
                     Some((bound_args, bound_kwargs)) => {
+                        if let (None, Some(last)) = (&bound_kwargs, &last) {
+                            let bound = bound_args.iter().map(Bound::as_borrowed);
+                            if let Some(out) = self.call_shallow(py, last, bound, leading) {
+                                return out;
+                            }
+                        }
                         let kwargs = bound_kwargs.as_ref().map(|dict| CallKwargs {
                             dict,
                             sorted_keys: None,
@@ -339,9 +350,21 @@ impl Dispatcher {
             Ok(Lookup::Unhashable(err)) | Err(err) => return Err(err),
         };
         let (program, dynamic) = program;
+        self.run(py, &program, dynamic, leading)
+    }
+
+    /// `program` called with the call's dynamic leaves (and the function's own array
+    /// leaves), and its output rebuilt.
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        program: &Bound<'py, PyAny>,
+        dynamic: Bound<'py, PyList>,
+        leading: &Bound<'py, PyTuple>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         // Two flat sequences, not one positional argument per leaf: JAX flattens a list in
         // one pass, but builds a tree structure per positional argument.
-        let called = call_program(&program, leading, &dynamic);
+        let called = call_program(program, leading, &dynamic);
         self.keep_list(dynamic);
         let out = match called {
             Ok(out) => out,
@@ -360,6 +383,41 @@ impl Dispatcher {
         Ok(out)
     }
 
+    /// A positional call repeating the static part of the last call found, when that is
+    /// a shallow call (see shallow.rs): matched argument by argument and run, or None if it
+    /// does not match (the general path then takes it).
+    fn call_shallow<'a, 'py: 'a>(
+        &self,
+        py: Python<'py>,
+        last: &Bound<'py, StaticKey>,
+        args: impl ExactSizeIterator<Item = Borrowed<'a, 'py, PyAny>>,
+        leading: &Bound<'py, PyTuple>,
+    ) -> Option<PyResult<Bound<'py, PyAny>>> {
+        let key = last.get();
+        let shallow = key.shallow()?;
+        let g = classify::globals(py).ok()?;
+        let list = self.spare_list_of(py, key.num_dynamic)?;
+        if !shallow.matches(g, key, args, &list) {
+            self.keep_list(list);
+            return None;
+        }
+        // Looked up as in `lookup`: a cleared or evicted program is never called.
+        match self.programs.bind(py).get_item(last) {
+            Ok(Some(program)) => Some(self.run(py, &program, list, leading)),
+            _ => {
+                self.keep_list(list);
+                None
+            }
+        }
+    }
+
+    /// The last call's list (see `leaf_list`) if it has `len` items and nothing else holds
+    /// it.
+    fn spare_list_of<'py>(&self, py: Python<'py>, len: usize) -> Option<Bound<'py, PyList>> {
+        let list = self.spare_list.lock().ok()?.take()?.into_bound(py);
+        (list.len() == len && sole_reference(&list)).then_some(list)
+    }
+
     /// A list of `leaves` (which it takes) to call a program with: the last call's list
     /// refilled if it has the right length and nothing else holds it (so no one can see it
     /// change), else a new one. A repeated call then makes no list.
@@ -368,28 +426,16 @@ impl Dispatcher {
         py: Python<'py>,
         leaves: &mut Vec<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let spare = self
-            .spare_list
-            .lock()
-            .ok()
-            .and_then(|mut guard| guard.take());
-        if let Some(list) = spare {
-            let list = list.into_bound(py);
-            if list.len() == leaves.len() && sole_reference(&list) {
-                for (index, leaf) in leaves.drain(..).enumerate() {
-                    // SAFETY: `list` is a live list of this length that only this function
-                    // holds; `PyList_SetItem` takes the new reference and releases the
-                    // `None` it replaces (which runs no Python code).
-                    unsafe {
-                        ffi::PyList_SetItem(
-                            list.as_ptr(),
-                            index as ffi::Py_ssize_t,
-                            leaf.into_ptr(),
-                        )
-                    };
-                }
-                return Ok(list);
+        if let Some(list) = self.spare_list_of(py, leaves.len()) {
+            for (index, leaf) in leaves.drain(..).enumerate() {
+                // SAFETY: `list` is a live list of this length that only this function
+                // holds; `PyList_SetItem` takes the new reference and releases the `None` it
+                // replaces (which runs no Python code).
+                unsafe {
+                    ffi::PyList_SetItem(list.as_ptr(), index as ffi::Py_ssize_t, leaf.into_ptr())
+                };
             }
+            return Ok(list);
         }
         PyList::new(py, leaves.drain(..))
     }

@@ -12,6 +12,7 @@ use pyo3::PyTraverseError;
 
 use crate::classify;
 use crate::errors;
+use crate::shallow::ShallowCall;
 
 /// One node of the flattened structure, in post-order (children before their parent), the
 /// order `jax.tree_util.PyTreeDef` keeps.
@@ -318,6 +319,8 @@ pub struct StaticKey {
     /// then (a mutable object that hashes by value) no longer matches it.
     static_hashes: OnceLock<Box<[isize]>>,
     mask_tuple: PyOnceLock<Py<PyTuple>>,
+    /// The key read as a shallow call, if it is one (see shallow.rs), once asked for.
+    shallow: OnceLock<Option<ShallowCall>>,
 }
 
 /// Why hashing a key failed: the static leaf (index among the statics) and its error.
@@ -341,6 +344,7 @@ impl StaticKey {
             hash: AtomicIsize::new(HASH_UNSET),
             static_hashes: OnceLock::new(),
             mask_tuple: PyOnceLock::new(),
+            shallow: OnceLock::new(),
         }
     }
 
@@ -368,6 +372,12 @@ impl StaticKey {
         let _ = self.static_hashes.set(static_hashes.into_boxed_slice());
         self.hash.store(out, Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// This key as a shallow call, if it is one.
+    #[inline]
+    pub(crate) fn shallow(&self) -> Option<&ShallowCall> {
+        self.shallow.get_or_init(|| ShallowCall::of(self)).as_ref()
     }
 
     /// The static leaves' hashes, once the key has been hashed.

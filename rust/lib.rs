@@ -24,6 +24,7 @@ mod filters;
 mod flatten;
 mod key;
 mod rebuild;
+mod shallow;
 
 #[cfg(test)]
 mod tests;

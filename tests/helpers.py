@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 
 import filterjax
@@ -606,3 +606,38 @@ def native_core(module_level: bool = False):
             pytest.fail("filterjax._native is not built but FILTERJAX_REQUIRE_NATIVE=1")
         pytest.skip("filterjax._native is not built", allow_module_level=module_level)
     return native
+
+
+# --------------------------------------------------------------------------------------------
+# Shallow calls: positional arguments that are leaves, or tuples, lists and dicts of leaves
+# (the Dispatcher matches these argument by argument, without its general walk)
+# --------------------------------------------------------------------------------------------
+
+_leaf_kids = st.lists(leaf_specs, max_size=4).map(tuple)
+_flat_containers = st.one_of(
+    _leaf_kids.map(lambda kids: ("tuple", None, kids)),
+    _leaf_kids.map(lambda kids: ("list", None, kids)),
+    st.tuples(st.lists(_STR_KEYS, max_size=4, unique=True), _leaf_kids).map(
+        lambda t: ("dict", tuple(t[0][: len(t[1])]), t[1][: len(t[0])])
+    ),
+)
+shallow_call_specs = st.lists(st.one_of(leaf_specs, _flat_containers), max_size=4).map(
+    lambda args: ("tuple", None, tuple(args))
+)
+
+
+@st.composite
+def changed_shallow_calls(draw):
+    """(the spec of a shallow call's arguments, the same changed in one place below the
+    arguments tuple: some changes leave it shallow, others do not)."""
+    spec = draw(shallow_call_specs)
+    changes = [
+        (path, alt)
+        for path, sub in _positions(spec)
+        if path
+        for alt in _alternatives(sub)
+        if alt != sub
+    ]
+    assume(changes)
+    path, alt = changes[draw(st.integers(0, len(changes) - 1))]
+    return spec, _replace_at(spec, path, alt)

@@ -394,3 +394,91 @@ def test_a_program_keeping_its_arguments_sees_them_unchanged():
     assert len(kept) == len(arrays)
     for (leaves, copy), x in zip(kept, arrays, strict=True):
         assert len(leaves) == 1 and leaves[0] is x and copy[0] is x
+
+
+@settings(max_examples=80, deadline=None)
+@given(helpers.changed_shallow_calls(), st.lists(st.booleans(), max_size=6), st.booleans())
+def test_a_shallow_call_differing_anywhere_from_the_last_runs_its_own_program(
+    pair, order, keywords
+):
+    # Positional arguments that are leaves or flat containers of leaves are matched with
+    # the last call's key argument by argument: any one change below them (a leaf's kind,
+    # a static's type or value, a container's kind, length or keys) must still find the
+    # other program, whether the call is shallow or not, positional or bound by keyword.
+    spec, changed = pair
+    assume(not _contains_str_array(spec) and not _contains_str_array(changed))
+    traces = []
+
+    def g(*args):
+        traces.append(None)
+        return args
+
+    def named(a, b, c, d):
+        traces.append(None)
+        return (a, b, c, d)
+
+    f = fj.filter_jit(named if keywords else g)
+    for use_changed in [False, True, False, False, True, True, False, *order]:
+        args = helpers.build(changed if use_changed else spec)
+        if keywords:
+            args = (*args, *[None] * (4 - len(args)))
+            out = f(args[0], b=args[1], c=args[2], d=args[3])
+        else:
+            out = f(*args)
+        _assert_same_values(out, args)
+    assert len(traces) == 2
+
+
+class _ListSub(list):
+    # Not a PyTree node (a leaf), static: hashable.
+    def __hash__(self):
+        return hash(tuple(self))
+
+
+class _DictSub(dict):
+    def __hash__(self):
+        return hash(tuple(self.items()))
+
+
+class _StrSub(str):
+    pass
+
+
+def _shallow_pairs():
+    x = jnp.arange(2.0)
+    return {
+        "tuple length": ((x,), (x, x)),
+        "list length": ([x], [x, x]),
+        "list subclass": ([2, 1], _ListSub([2, 1])),
+        "tuple or list": ((x, 1), [x, 1]),
+        "dict key": ({"a": x}, {"b": x}),
+        "dict size": ({"a": x}, {"a": x, "b": x}),
+        "dict static": ({"a": x, "n": 1}, {"a": x, "n": 2}),
+        "dict subclass": ({"a": 1}, _DictSub(a=1)),
+        "int or float": (3, 3.0),
+        "int or bool": (1, True),
+        "str subclass": ("ab", _StrSub("ab")),
+        "None or array": (None, x),
+        "array or static": (x, 2),
+        "kinds swapped": ((x, 2), (2, x)),
+        "dict kinds swapped": ({"a": x, "b": 2}, {"a": 2, "b": x}),
+        "leaf or tuple": (x, (x,)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_shallow_pairs()))
+def test_shallow_arguments_that_differ_run_their_own_programs(name):
+    first, second = _shallow_pairs()[name]
+    traces = []
+
+    def g(y, z):
+        traces.append(None)
+        return y, z
+
+    f = fj.filter_jit(g)
+    x = jnp.ones(3)
+    for arg in [first, second, first, first, second, second, first]:
+        out = f(x, arg)
+        _assert_same_values(out, (x, arg))
+        assert type(out[1]) is type(arg)
+    assert len(traces) == 2
