@@ -93,18 +93,29 @@ pub fn is_builtin_scalar(py: Python<'_>, ty: *mut ffi::PyTypeObject) -> bool {
         || ty == PyComplex::type_object_raw(py)
 }
 
+/// Whether a leaf of exact type `ty` is an array, when that is known from the type alone:
+/// true for jaxlib's and NumPy's array types, false for builtin scalars, None otherwise.
+#[inline]
+pub fn known_is_array(g: &Globals, py: Python<'_>, ty: *mut ffi::PyTypeObject) -> Option<bool> {
+    if ty == g.array_impl.as_ptr().cast() || ty == g.ndarray.as_ptr().cast() {
+        Some(true)
+    } else if is_builtin_scalar(py, ty) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// True for JAX arrays (tracers included), NumPy arrays and NumPy scalars.
 ///
 /// Answers the same as `isinstance(x, (jax.Array, np.ndarray, np.generic))`, and like the
 /// Python twin remembers the answer per exact type.
 #[inline]
 pub fn is_array(g: &Globals, x: &Bound<'_, PyAny>) -> PyResult<bool> {
-    let py = x.py();
-    let ty = x.get_type_ptr();
-    if ty == g.array_impl.as_ptr().cast() || ty == g.ndarray.as_ptr().cast() {
-        return Ok(true);
+    if let Some(known) = known_is_array(g, x.py(), x.get_type_ptr()) {
+        return Ok(known);
     }
-    if is_builtin_scalar(py, ty) || x.is_none() {
+    if x.is_none() {
         return Ok(false);
     }
     is_array_slow(g, x)

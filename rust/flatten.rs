@@ -431,10 +431,7 @@ impl<'a, 'py> Flattener<'a, 'py> {
         }
         let ty = obj.get_type_ptr();
         let g = self.g;
-        if ty == g.array_impl.as_ptr().cast()
-            || ty == g.ndarray.as_ptr().cast()
-            || classify::is_builtin_scalar(py, ty)
-        {
+        if classify::known_is_array(g, py, ty).is_some() {
             self.leaf(obj);
             return Ok(None);
         }
@@ -680,7 +677,8 @@ static HINT_DYNAMIC: SizeHint = SizeHint::new(8);
 static HINT_STATIC: SizeHint = SizeHint::new(8);
 static HINT_LEAVES: SizeHint = SizeHint::new(16);
 
-fn recursion_limit() -> usize {
+/// `sys.getrecursionlimit()`, at most `MAX_DEPTH`.
+pub(crate) fn recursion_limit() -> usize {
     // SAFETY: a plain read of an interpreter setting; the caller holds the GIL.
     let limit = unsafe { ffi::Py_GetRecursionLimit() };
     usize::try_from(limit).unwrap_or(0).min(MAX_DEPTH)

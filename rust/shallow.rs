@@ -16,6 +16,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::classify::{self, Globals};
+use crate::flatten;
 use crate::key::{same_or_equal, Node, StaticKey};
 
 /// One positional argument of a shallow call.
@@ -89,7 +90,7 @@ impl ShallowCall {
         list: &Bound<'py, PyList>,
     ) -> bool {
         let py = list.py();
-        if args.len() != self.args.len() || recursion_limit() <= DEPTH {
+        if args.len() != self.args.len() || flatten::recursion_limit() <= DEPTH {
             return false;
         }
         let Some(hashes) = key.static_hashes() else {
@@ -160,16 +161,11 @@ impl<'py> Leaves<'_, 'py> {
     /// builtin scalar of the same type, hash and value as its static leaf? A dynamic leaf
     /// goes into the list.
     fn take(&mut self, obj: &Borrowed<'_, 'py, PyAny>) -> bool {
-        let py = obj.py();
         let ty = obj.get_type_ptr();
-        let dynamic =
-            if ty == self.g.array_impl.as_ptr().cast() || ty == self.g.ndarray.as_ptr().cast() {
-                true
-            } else if classify::is_builtin_scalar(py, ty) {
-                false
-            } else {
-                return false;
-            };
+        // Only leaves whose kind the type alone says: anything else goes the general way.
+        let Some(dynamic) = classify::known_is_array(self.g, obj.py(), ty) else {
+            return false;
+        };
         if self.key.mask.get(self.leaf) != Some(&dynamic) {
             return false;
         }
@@ -205,10 +201,4 @@ impl<'py> Leaves<'_, 'py> {
             && obj.hash().is_ok_and(|h| h == hash)
             && same_or_equal(&known, obj).unwrap_or(false)
     }
-}
-
-fn recursion_limit() -> usize {
-    // SAFETY: a plain read of an interpreter setting; the caller holds the GIL.
-    let limit = unsafe { ffi::Py_GetRecursionLimit() };
-    usize::try_from(limit).unwrap_or(0)
 }
