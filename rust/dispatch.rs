@@ -56,6 +56,9 @@ pub struct Dispatcher {
     last_shape: Mutex<Option<Arc<CallShape>>>,
     /// The list the last program was called with, emptied to `None`s (see `leaf_list`).
     spare_list: Mutex<Option<Py<PyList>>>,
+    /// Where CPython enters calls of instances of a `dispatcher_subclass` class (read at
+    /// the offset that class declares as `__vectorcalloffset__`).
+    vectorcall: VectorcallEntry,
 }
 
 static METHOD_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -178,6 +181,51 @@ struct CallShape {
     /// still reaches the fallback, because NNX programs are never stored under a key a
     /// Dispatcher makes.
     plan: Plan,
+    /// Where each bound argument sits in a vectorcall's argument array (positional
+    /// arguments, then keyword values in call order), when the call binds to positional
+    /// arguments only: the calls `call_shallow` can take without making an argument tuple.
+    array_sources: Option<Vec<usize>>,
+}
+
+impl CallShape {
+    fn array_sources(
+        plan: &Plan,
+        num_args: usize,
+        names: Option<&Bound<'_, PyTuple>>,
+    ) -> Option<Vec<usize>> {
+        match plan {
+            Plan::Identity if names.is_none() => Some((0..num_args).collect()),
+            Plan::Bind(arg_sources, kw_sources) if kw_sources.is_empty() => arg_sources
+                .iter()
+                .map(|source| match source {
+                    Source::Arg(index) => (*index < num_args).then_some(*index),
+                    Source::Keyword(name) => {
+                        let position = names?.iter().position(|n| n.eq(name).unwrap_or(false))?;
+                        Some(num_args + position)
+                    }
+                })
+                .collect(),
+            _ => None,
+        }
+    }
+
+    /// Does a vectorcall with these keyword names (NULL or a tuple) have this shape? The
+    /// names are compared by identity, as `same_names` does.
+    fn has_kwnames(&self, kwnames: Option<&Borrowed<'_, '_, PyTuple>>) -> bool {
+        let kwnames = kwnames.filter(|names| !names.is_empty());
+        match (&self.names, kwnames) {
+            (None, None) => true,
+            (Some((names, _)), Some(kwnames)) => {
+                let names = names.bind(kwnames.py());
+                names.len() == kwnames.len()
+                    && names
+                        .iter_borrowed()
+                        .zip(kwnames.iter_borrowed())
+                        .all(|(a, b)| a.is(&*b))
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Dispatcher {
@@ -261,10 +309,16 @@ impl Dispatcher {
         let Some(plan) = plan else {
             return Ok(None);
         };
+        let plan = Plan::parse(&plan, &self.identity_plan);
+        let array_sources = {
+            let names = names.as_ref().map(|(names, _)| names.bind(py));
+            CallShape::array_sources(&plan, num_args, names)
+        };
         let found = Arc::new(CallShape {
             num_args,
             names,
-            plan: Plan::parse(&plan, &self.identity_plan),
+            plan,
+            array_sources,
         });
         let previous = match self.last_shape.lock() {
             Ok(mut guard) => guard.replace(found.clone()),
@@ -351,6 +405,57 @@ impl Dispatcher {
         };
         let (program, dynamic) = program;
         self.run(py, &program, dynamic, leading)
+    }
+
+    /// A call made by CPython's vectorcall protocol: `args` holds the positional arguments,
+    /// then the values of the keyword arguments named by `kwnames`. A repeated shallow call
+    /// of the last call shape is taken from the array as it is; any other call makes the
+    /// argument tuple and keyword dict `tp_call` would have had, and goes to `call`.
+    fn vectorcall<'py>(
+        &self,
+        py: Python<'py>,
+        args: ArgArray<'_, 'py>,
+        num_args: usize,
+        kwnames: Option<Borrowed<'_, 'py, PyTuple>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(out) = self.vectorcall_shallow(py, args, num_args, kwnames.as_ref()) {
+            return out;
+        }
+        let positional = PyTuple::new(py, args.range(0..num_args))?;
+        let kwargs = match kwnames.filter(|names| !names.is_empty()) {
+            Some(names) => {
+                let kwargs = PyDict::new(py);
+                let values = args.range(num_args..args.raw.len());
+                for (name, value) in names.iter_borrowed().zip(values) {
+                    kwargs.set_item(name, value)?;
+                }
+                Some(kwargs)
+            }
+            None => None,
+        };
+        self.call(py, &positional, kwargs.as_ref())
+    }
+
+    /// `call_shallow` for a vectorcall of the last call shape that binds to positional
+    /// arguments only, or None.
+    fn vectorcall_shallow<'py>(
+        &self,
+        py: Python<'py>,
+        args: ArgArray<'_, 'py>,
+        num_args: usize,
+        kwnames: Option<&Borrowed<'_, 'py, PyTuple>>,
+    ) -> Option<PyResult<Bound<'py, PyAny>>> {
+        if !self.fast {
+            return None;
+        }
+        let shape = self.last_shape.lock().ok()?.clone()?;
+        if shape.num_args != num_args || !shape.has_kwnames(kwnames) {
+            return None;
+        }
+        let sources = shape.array_sources.as_ref()?;
+        let last = self.last_key(py)?;
+        let bound = sources.iter().map(|&index| args.get(index));
+        self.call_shallow(py, &last, bound, self.leading.bind(py))
     }
 
     /// `program` called with the call's dynamic leaves (and the function's own array
@@ -645,6 +750,7 @@ impl Dispatcher {
             last: Mutex::new(None),
             last_shape: Mutex::new(None),
             spare_list: Mutex::new(None),
+            vectorcall: VectorcallEntry(vectorcall_entry),
         })
     }
 
@@ -736,8 +842,137 @@ unsafe fn call_slot(
     Ok(out.into_ptr())
 }
 
+/// `vectorcallfunc` of the classes `dispatcher_subclass` makes (see `Dispatcher::vectorcall`).
+/// Entered through PyO3's own trampoline for fastcall functions, whose signature is the
+/// same but for the count's type (`Py_ssize_t` there, `size_t` here: the same width).
+///
+/// # Safety
+/// Called by CPython as a vectorcall function: the interpreter is attached, `callable` is a
+/// live object of the class and `args` points to the positional arguments' count (given by
+/// `nargsf`, less its flag bit) plus `kwnames`' length of live objects, all borrowed for
+/// the duration of the call; `kwnames` is NULL or a tuple of strings.
+unsafe extern "C" fn vectorcall_entry(
+    callable: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: usize,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let trampoline = pyo3::impl_::trampoline::get_trampoline_function!(
+        fastcall_cfunction_with_keywords,
+        vectorcall_slot
+    );
+    // SAFETY: see the function's contract, which is the trampoline's.
+    unsafe { trampoline(callable, args, nargsf as ffi::Py_ssize_t, kwnames) }
+}
+
+/// The flag bit of a vectorcall's argument count: the callee may use `args[-1]`.
+const VECTORCALL_ARGUMENTS_OFFSET: usize = 1 << (usize::BITS - 1);
+
+/// The body of `vectorcall_entry`, run inside the trampoline.
+///
+/// # Safety
+/// As for `vectorcall_entry`.
+unsafe fn vectorcall_slot(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    let num_args = (nargsf as usize) & !VECTORCALL_ARGUMENTS_OFFSET;
+    // SAFETY: see the function's contract; `Borrowed` does not outlive the call.
+    let (slf, kwnames) = unsafe {
+        (
+            Borrowed::from_ptr(py, slf),
+            Borrowed::from_ptr_or_opt(py, kwnames),
+        )
+    };
+    let kwnames = match kwnames {
+        Some(names) => Some(names.cast::<PyTuple>()?),
+        None => None,
+    };
+    let len = num_args + kwnames.as_ref().map_or(0, |names| names.len());
+    // SAFETY: `args` points to `len` live objects, borrowed for the call (see the
+    // function's contract).
+    let args = unsafe { ArgArray::new(py, args, len) };
+    let dispatcher = slf.cast::<Dispatcher>()?;
+    let out = dispatcher.get().vectorcall(py, args, num_args, kwnames)?;
+    Ok(out.into_ptr())
+}
+
+/// Where a `Dispatcher`'s `vectorcall` field sits in its object, in bytes from the start, if
+/// it lies inside the object (CPython reads it there for classes that declare it).
+fn vectorcall_offset(py: Python<'_>) -> PyResult<Option<ffi::Py_ssize_t>> {
+    static OFFSET: PyOnceLock<Option<ffi::Py_ssize_t>> = PyOnceLock::new();
+    OFFSET
+        .get_or_try_init(py, || -> PyResult<_> {
+            let empty = PyDict::new(py);
+            let none = py.None();
+            let probe = Dispatcher::new(
+                py,
+                empty.clone(),
+                empty,
+                none.clone_ref(py),
+                none.clone_ref(py),
+                none,
+                None,
+                Truthy(false),
+                None,
+            )?;
+            let probe = Bound::new(py, probe)?;
+            let field = std::ptr::addr_of!(probe.get().vectorcall) as isize;
+            let offset = field - probe.as_ptr() as isize;
+            let size: isize = probe.get_type().getattr("__basicsize__")?.extract()?;
+            let width = std::mem::size_of::<VectorcallEntry>() as isize;
+            Ok((offset > 0 && offset + width <= size).then_some(offset))
+        })
+        .copied()
+}
+
+/// A vectorcall's argument array: pointers to live objects, borrowed for the call.
+#[derive(Clone, Copy)]
+struct ArgArray<'a, 'py> {
+    raw: &'a [*mut ffi::PyObject],
+    py: Python<'py>,
+}
+
+impl<'a, 'py> ArgArray<'a, 'py> {
+    /// # Safety
+    /// `args` is NULL with `len` zero, or points to `len` live objects that stay alive and
+    /// in place for `'a`.
+    unsafe fn new(py: Python<'py>, args: *const *mut ffi::PyObject, len: usize) -> Self {
+        let raw = if len == 0 {
+            &[]
+        } else {
+            // SAFETY: see the function's contract.
+            unsafe { std::slice::from_raw_parts(args, len) }
+        };
+        ArgArray { raw, py }
+    }
+
+    fn get(&self, index: usize) -> Borrowed<'a, 'py, PyAny> {
+        // SAFETY: every pointer in `raw` is a live object for `'a` (see `new`).
+        unsafe { Borrowed::from_ptr(self.py, self.raw[index]) }
+    }
+
+    fn range(
+        &self,
+        range: std::ops::Range<usize>,
+    ) -> impl ExactSizeIterator<Item = Borrowed<'a, 'py, PyAny>> + '_ {
+        range.map(|index| self.get(index))
+    }
+}
+
+/// A `vectorcallfunc`, kept in a `Dispatcher` where CPython looks for it.
+#[repr(transparent)]
+struct VectorcallEntry(ffi::vectorcallfunc);
+
+/// `Py_TPFLAGS_HAVE_VECTORCALL` (pyo3-ffi declares it for the 3.12 limited API only; the
+/// value is the same since 3.8).
+const TPFLAGS_HAVE_VECTORCALL: std::ffi::c_ulong = 1 << 11;
+
 /// A subclass of `bases` (which include `Dispatcher`) whose calls enter the Dispatcher
-/// directly (see `call_slot`), made like `type("_DispatcherSubclass", bases,
+/// directly (see `vectorcall_entry` and `call_slot`), made like `type("_DispatcherSubclass", bases,
 /// {"__slots__": ()})`: the same layout, MRO and `__init_subclass__` call.
 #[pyfunction]
 pub fn dispatcher_subclass<'py>(
@@ -755,27 +990,46 @@ pub fn dispatcher_subclass<'py>(
             "dispatcher_subclass: one of the bases must be a subclass of Dispatcher",
         ));
     }
-    let mut slots = [
-        ffi::PyType_Slot {
-            slot: ffi::Py_tp_call,
-            pfunc: pyo3::impl_::trampoline::get_trampoline_function!(ternaryfunc, call_slot)
-                as *mut std::ffi::c_void,
+    // Calls enter by vectorcall (no argument tuple or keyword dict) where the Dispatcher's
+    // entry can be declared, else by `tp_call`, which stays for callers that have a tuple.
+    let offset = vectorcall_offset(py)?;
+    let mut members = [
+        ffi::PyMemberDef {
+            name: c"__vectorcalloffset__".as_ptr(),
+            type_code: ffi::Py_T_PYSSIZET,
+            offset: offset.unwrap_or(0),
+            flags: ffi::Py_READONLY,
+            doc: std::ptr::null(),
         },
-        ffi::PyType_Slot {
-            slot: 0,
-            pfunc: std::ptr::null_mut(),
-        },
+        ffi::PyMemberDef::default(),
     ];
+    let mut slots = vec![ffi::PyType_Slot {
+        slot: ffi::Py_tp_call,
+        pfunc: pyo3::impl_::trampoline::get_trampoline_function!(ternaryfunc, call_slot)
+            as *mut std::ffi::c_void,
+    }];
+    let mut flags = ffi::Py_TPFLAGS_DEFAULT | ffi::Py_TPFLAGS_BASETYPE;
+    if offset.is_some() {
+        slots.push(ffi::PyType_Slot {
+            slot: ffi::Py_tp_members,
+            pfunc: members.as_mut_ptr().cast(),
+        });
+        flags |= TPFLAGS_HAVE_VECTORCALL;
+    }
+    slots.push(ffi::PyType_Slot {
+        slot: 0,
+        pfunc: std::ptr::null_mut(),
+    });
     let mut spec = ffi::PyType_Spec {
         name: c"filterjax._native._DispatcherSubclass".as_ptr(),
         // Zero: the instance layout is the bases' (no new slots, like `__slots__ = ()`).
         basicsize: 0,
         itemsize: 0,
-        flags: (ffi::Py_TPFLAGS_DEFAULT | ffi::Py_TPFLAGS_BASETYPE) as std::ffi::c_uint,
+        flags: flags as std::ffi::c_uint,
         slots: slots.as_mut_ptr(),
     };
-    // SAFETY: `spec` and `slots` are valid for the call, which copies what it keeps (the
-    // name is a static string); `bases` is a live tuple of types. The result is a new
+    // SAFETY: `spec`, `slots` and `members` are valid for the call, which copies what it
+    // keeps (the name is a static string); `bases` is a live tuple of types. The result is a new
     // reference to a type, or NULL with an exception set.
     let made = unsafe {
         Bound::from_owned_ptr_or_err(py, ffi::PyType_FromSpecWithBases(&mut spec, bases.as_ptr()))?

@@ -5,6 +5,7 @@ JAX traces."""
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import helpers
@@ -170,6 +171,24 @@ def test_keyword_spellings_and_orders_repeated():
     _check(f(x, **names), x, 2, "b")
     _check(f(x, **names), x, 2, "b")
     assert counted.traces == [(2, "b")]
+
+
+def test_keyword_arguments_of_one_kind_each_reach_their_own_parameter():
+    # Repeated calls bind keyword values by position in the call: arguments alike in kind
+    # and shape must not swap or repeat, in any order or spelling.
+    f = fj.filter_jit(lambda x, y, z: x + 10 * y + 100 * z)
+    calls = [
+        lambda x, y, z: f(x, y=y, z=z),
+        lambda x, y, z: f(x, z=z, y=y),
+        lambda x, y, z: f(z=z, y=y, x=x),
+        lambda x, y, z: f(x, y, z=z),
+    ]
+    for step in range(3):
+        x, y, z = (jnp.full(2, float(step + i)) for i in range(3))
+        expected = np.asarray(x) + 10 * np.asarray(y) + 100 * np.asarray(z)
+        for call in calls:
+            for _ in range(3):
+                np.testing.assert_allclose(np.asarray(call(x, y, z)), expected)
 
 
 def test_same_number_of_keywords_with_other_names():
@@ -351,6 +370,36 @@ def test_the_wrapper_class_is_called_straight_into_the_dispatcher():
     assert kwargs == {"scale": 3.0}
 
 
+def test_the_native_wrapper_class_is_entered_by_vectorcall(backend):
+    # Calls then pass their arguments as an array: no tuple, no keyword dict.
+    if backend != "native":
+        pytest.skip("the native core's entry")
+    have_vectorcall = 1 << 11  # Py_TPFLAGS_HAVE_VECTORCALL
+    assert type(fj.filter_jit(lambda x: x)).__flags__ & have_vectorcall
+
+
+def test_calls_by_vectorcall_and_by_tp_call_agree_and_share_programs():
+    counted, f = _jit()
+    x = jnp.arange(3.0)
+    slot = functools.partial(type(f).__call__, f)
+    calls = [
+        lambda call: call(x, 2),
+        lambda call: call(x, n=2),
+        lambda call: call(x=x, n=2),
+        lambda call: call(n=2, x=x),
+        lambda call: call(*[x], **{"n": 2}),
+    ]
+    for _ in range(2):
+        for call in calls:
+            _check(call(f), x, 2)
+            _check(call(slot), x, 2)
+    assert counted.traces == [(2, "a")]
+    with pytest.raises(TypeError):
+        f(x, 2, n=3)
+    with pytest.raises(TypeError):
+        slot(x, 2, n=3)
+
+
 def test_dispatcher_subclass_needs_a_dispatcher_base():
     with pytest.raises(TypeError, match="Dispatcher"):
         fj._backend._core.dispatcher_subclass((object,))
@@ -397,14 +446,20 @@ def test_a_program_keeping_its_arguments_sees_them_unchanged():
 
 
 @settings(max_examples=80, deadline=None)
-@given(helpers.changed_shallow_calls(), st.lists(st.booleans(), max_size=6), st.booleans())
+@given(
+    helpers.changed_shallow_calls(),
+    st.lists(st.booleans(), max_size=6),
+    st.booleans(),
+    st.lists(st.booleans(), min_size=13, max_size=13),
+)
 def test_a_shallow_call_differing_anywhere_from_the_last_runs_its_own_program(
-    pair, order, keywords
+    pair, order, keywords, through_slot
 ):
     # Positional arguments that are leaves or flat containers of leaves are matched with
     # the last call's key argument by argument: any one change below them (a leaf's kind,
     # a static's type or value, a container's kind, length or keys) must still find the
-    # other program, whether the call is shallow or not, positional or bound by keyword.
+    # other program, whether the call is shallow or not, positional or bound by keyword,
+    # made by vectorcall (an argument array) or through `tp_call` (a tuple and a dict).
     spec, changed = pair
     assume(not _contains_str_array(spec) and not _contains_str_array(changed))
     traces = []
@@ -418,13 +473,17 @@ def test_a_shallow_call_differing_anywhere_from_the_last_runs_its_own_program(
         return (a, b, c, d)
 
     f = fj.filter_jit(named if keywords else g)
-    for use_changed in [False, True, False, False, True, True, False, *order]:
+    # `type(f).__call__` is the class's `tp_call` slot: a tuple and a dict.
+    ways = [f, functools.partial(type(f).__call__, f)]
+    calls = [False, True, False, False, True, True, False, *order]
+    for use_changed, slot in zip(calls, through_slot[: len(calls)], strict=True):
+        call = ways[slot]
         args = helpers.build(changed if use_changed else spec)
         if keywords:
             args = (*args, *[None] * (4 - len(args)))
-            out = f(args[0], b=args[1], c=args[2], d=args[3])
+            out = call(args[0], b=args[1], c=args[2], d=args[3])
         else:
-            out = f(*args)
+            out = call(*args)
         _assert_same_values(out, args)
     assert len(traces) == 2
 

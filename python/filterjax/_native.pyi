@@ -167,7 +167,8 @@ class Dispatcher:
 def dispatcher_subclass(bases: tuple[type, ...]) -> type:
     """A subclass of `bases` (which include `Dispatcher`), made like `type(
     "_DispatcherSubclass", bases, {"__slots__": ()})`, whose calls enter the Dispatcher
-    with the call's own arguments (no argument handling before it)."""
+    with the call's own arguments: by vectorcall (the caller's argument array, no tuple or
+    keyword dict), or with a tuple and a dict from callers that have those."""
 
 def tree_partition(
     pytree: Any,
