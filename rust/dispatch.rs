@@ -336,6 +336,19 @@ impl Dispatcher {
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        self.call_after(py, args, kwargs, false)
+    }
+
+    /// `call`, where `shallow_missed` says that this call was already matched as a shallow
+    /// call with the last key and did not match (the vectorcall entry tries that first):
+    /// it is then not matched again.
+    fn call_after<'py>(
+        &self,
+        py: Python<'py>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+        shallow_missed: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
         // No keyword arguments: no dict, unless the call leaves the fast path.
         let kwargs = kwargs.filter(|k| !k.is_empty());
         let leading = self.leading.bind(py);
@@ -353,7 +366,8 @@ impl Dispatcher {
             return fallback();
         };
         let last = self.last_key(py);
-        if let (Plan::Identity, None, Some(last)) = (&shape.plan, kwargs, &last) {
+        let shallow_last = last.as_ref().filter(|_| !shallow_missed);
+        if let (Plan::Identity, None, Some(last)) = (&shape.plan, kwargs, shallow_last) {
             if let Some(out) = self.call_shallow(py, last, args.iter_borrowed(), leading) {
                 return out;
             }
@@ -369,7 +383,7 @@ impl Dispatcher {
             Plan::Bind(arg_sources, kw_sources) => {
                 match bind_call(py, arg_sources, kw_sources, args, kwargs)? {
                     Some((bound_args, bound_kwargs)) => {
-                        if let (None, Some(last)) = (&bound_kwargs, &last) {
+                        if let (None, Some(last)) = (&bound_kwargs, shallow_last) {
                             let bound = bound_args.iter().map(Bound::as_borrowed);
                             if let Some(out) = self.call_shallow(py, last, bound, leading) {
                                 return out;
@@ -418,9 +432,11 @@ impl Dispatcher {
         num_args: usize,
         kwnames: Option<Borrowed<'_, 'py, PyTuple>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        if let Some(out) = self.vectorcall_shallow(py, args, num_args, kwnames.as_ref()) {
-            return out;
-        }
+        let shallow_missed = match self.vectorcall_shallow(py, args, num_args, kwnames.as_ref()) {
+            Shallow::Ran(out) => return out,
+            Shallow::Missed => true,
+            Shallow::NotTried => false,
+        };
         let positional = PyTuple::new(py, args.range(0..num_args))?;
         let kwargs = match kwnames.filter(|names| !names.is_empty()) {
             Some(names) => {
@@ -433,29 +449,35 @@ impl Dispatcher {
             }
             None => None,
         };
-        self.call(py, &positional, kwargs.as_ref())
+        self.call_after(py, &positional, kwargs.as_ref(), shallow_missed)
     }
 
     /// `call_shallow` for a vectorcall of the last call shape that binds to positional
-    /// arguments only, or None.
+    /// arguments only.
     fn vectorcall_shallow<'py>(
         &self,
         py: Python<'py>,
         args: ArgArray<'_, 'py>,
         num_args: usize,
         kwnames: Option<&Borrowed<'_, 'py, PyTuple>>,
-    ) -> Option<PyResult<Bound<'py, PyAny>>> {
+    ) -> Shallow<'py> {
         if !self.fast {
-            return None;
+            return Shallow::NotTried;
         }
-        let shape = self.last_shape.lock().ok()?.clone()?;
+        let Some(shape) = self.last_shape.lock().ok().and_then(|guard| guard.clone()) else {
+            return Shallow::NotTried;
+        };
         if shape.num_args != num_args || !shape.has_kwnames(kwnames) {
-            return None;
+            return Shallow::NotTried;
         }
-        let sources = shape.array_sources.as_ref()?;
-        let last = self.last_key(py)?;
+        let (Some(sources), Some(last)) = (&shape.array_sources, self.last_key(py)) else {
+            return Shallow::NotTried;
+        };
         let bound = sources.iter().map(|&index| args.get(index));
-        self.call_shallow(py, &last, bound, self.leading.bind(py))
+        match self.call_shallow(py, &last, bound, self.leading.bind(py)) {
+            Some(out) => Shallow::Ran(out),
+            None => Shallow::Missed,
+        }
     }
 
     /// `program` called with the call's dynamic leaves (and the function's own array
@@ -597,6 +619,16 @@ impl Dispatcher {
             _ => err,
         }
     }
+}
+
+/// What `Dispatcher::vectorcall_shallow` did.
+enum Shallow<'py> {
+    /// The call matched the last key and ran: its result.
+    Ran(PyResult<Bound<'py, PyAny>>),
+    /// The call was matched with the last key as a shallow call, and did not match.
+    Missed,
+    /// The call is not of the last call shape, or that shape is not a shallow one.
+    NotTried,
 }
 
 /// What `Dispatcher::lookup` found.

@@ -536,3 +536,89 @@ def test_identity_filter_vmap_returns_numpy_input_unchanged_like_jax_vmap():
     out = fj.filter_vmap(lambda t: t * 2)(x)  # computed outputs are JAX arrays
     assert isinstance(out, jax.Array)
     np.testing.assert_allclose(out, 2 * x)
+
+
+class _Policy(eqx.Module):
+    weight: jax.Array
+    act: str = eqx.field(static=True)
+
+    def __call__(self, obs, *, scale=1.0):
+        out = self.weight @ obs * scale
+        return jnp.tanh(out) if self.act == "tanh" else out
+
+
+class _Agent(eqx.Module):
+    # Jitted functions stored in a Module, called as fields, with keyword arguments: one
+    # taking the policy Module, one taking only arrays and a float (a repeated call of
+    # that one is matched argument by argument, its keyword values by position).
+    policy: _Policy
+    step: object
+    value: object
+
+    def act(self, obs, scale):
+        return self.step(self.policy, obs=obs, scale=scale)
+
+    def evaluate(self, obs, scale):
+        return self.value(self.policy.weight, scale, obs=obs, bias=obs * 2)
+
+
+def _step(policy, obs, scale):
+    return policy(obs, scale=scale)
+
+
+def _value(weight, scale, obs, bias):
+    return jnp.sum(weight @ obs + bias) * scale
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_repeated_keyword_calls_of_a_stored_wrapper_match_equinox(fresh):
+    # An RL-style loop as Equinox programs write it: the jitted step stored in a Module
+    # (or made afresh each step), called with keyword arguments, the model replaced by
+    # `eqx.tree_at` and deep-copied between steps, a static flag flipping now and then.
+    # Every output must be equinox.filter_jit's.
+    import copy
+
+    traces = _Counter()
+
+    def counted(policy, obs, scale):
+        traces()
+        return _step(policy, obs, scale)
+
+    def counted_value(weight, scale, obs, bias):
+        traces()
+        return _value(weight, scale, obs, bias)
+
+    key = jax.random.PRNGKey(0)
+    policy = _Policy(jax.random.normal(key, (3, 3)), "tanh")
+    ours = _Agent(policy, fj.filter_jit(counted), fj.filter_jit(counted_value))
+    theirs = _Agent(policy, eqx.filter_jit(_step), eqx.filter_jit(_value))
+    for step in range(12):
+        obs = jnp.arange(3.0) + step
+        scale = 2.0 if step % 4 else 0.5
+        if fresh:
+            ours = eqx.tree_at(
+                lambda a: (a.step, a.value),
+                ours,
+                (fj.filter_jit(counted), fj.filter_jit(counted_value)),
+            )
+        for _ in range(2):
+            np.testing.assert_allclose(ours.act(obs, scale), theirs.act(obs, scale), rtol=1e-6)
+            np.testing.assert_allclose(
+                ours.evaluate(obs, scale), theirs.evaluate(obs, scale), rtol=1e-6
+            )
+        new_weight = ours.policy.weight * 0.9 + step
+        ours = copy.deepcopy(eqx.tree_at(lambda a: a.policy.weight, ours, new_weight))
+        theirs = eqx.tree_at(lambda a: a.policy.weight, theirs, new_weight)
+    # One program per function and static signature: scale 2.0 and 0.5.
+    assert traces.n == 4
+
+
+def test_error_if_raises_at_its_call_on_repeated_keyword_calls():
+    f = fj.filter_jit(lambda x, bound: eqx.error_if(x, x > bound, "over the bound") * 2)
+    for value in [1.0, 2.0, 5.0, 1.0, 7.0, 0.0]:
+        x = jnp.array(value)
+        if value > 3.0:
+            with pytest.raises(eqx.EquinoxRuntimeError, match="over the bound"):
+                f(x, bound=3.0)
+        else:
+            np.testing.assert_allclose(f(x, bound=3.0), 2 * value)
